@@ -1,0 +1,1 @@
+"""dualpar: block-wise pipelined long-video generation over frame blocks and DiT layers."""

@@ -1,0 +1,1 @@
+"""Model adapters over diffusers Wan classes."""

@@ -1,0 +1,1 @@
+"""Causal-mode KV caches and frame-selection policies (not yet implemented)."""
