@@ -1,0 +1,227 @@
+"""Run configuration: dataclasses, YAML loading, command-line overrides, validation.
+
+All checks live here, so bad input is rejected before any model is built.
+A config file has one section per dataclass below (``model``, ``video``,
+``sampling``, ``parallel``, ``output``); every key is optional.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, "
+    "images, static, overall gray, worst quality, low quality, JPEG compression residue, ugly, "
+    "incomplete, extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, "
+    "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
+    "in the background, walking backwards"
+)
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULERS = ("unipc", "euler")
+VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
+VAE_SPATIAL = 8
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; printed as one line, exit status 2."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    preset: str = "tiny"
+    """Model to run. ``tiny`` is the embedded seeded random-weight Wan2.1 model."""
+    weights_seed: int = 0
+    """Seed of the tiny preset's random weights (identical on every rank)."""
+    dtype: str = "float32"
+    """Compute dtype of the transformer: float32, bfloat16 or float16."""
+    text_len: int = 512
+    """Prompt length in tokens after padding (Wan uses 512)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class VideoConfig:
+    frames: int = 1025
+    """Output frames; Wan needs 4k+1 (1025 frames = 257 latent frames)."""
+    height: int = 64
+    """Frame height in pixels; a multiple of 16 (VAE x8, patch x2)."""
+    width: int = 64
+    """Frame width in pixels; a multiple of 16."""
+    fps: int = 16
+    """Frame rate written into the MP4 (Wan2.1 uses 16)."""
+
+    @property
+    def latent_frames(self) -> int:
+        return (self.frames - 1) // VAE_TEMPORAL + 1
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingConfig:
+    prompt: str = "A cat and a dog baking a cake together in a kitchen, warm light through the window."
+    """Text prompt."""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    """Negative prompt for classifier-free guidance."""
+    steps: int = 10
+    """Denoising steps per block (the queue holds at most this many blocks)."""
+    scheduler: str = "unipc"
+    """``unipc`` (UniPCMultistepScheduler, flow prediction) or ``euler`` (FlowMatchEulerDiscreteScheduler)."""
+    flow_shift: float = 3.0
+    """Timestep shift of the flow-matching schedule (Wan: 3.0 at 480p, 5.0 at 720p)."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale; <= 1 disables guidance (one batch row instead of two)."""
+    seed: int = 0
+    """Seed of the shared noise pool and its permutations."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    block: int = 8
+    """Latent frames per block (paper: 8). The first block also takes the leftover frames."""
+    num_cat: int = 4
+    """Context latent frames borrowed from each neighbour block (paper: 8); 0 disables context."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OutputConfig:
+    out: str = "outputs/run"
+    """Output directory: video.mp4, latents/, manifest.json."""
+    decode: bool = True
+    """Decode finished blocks with the VAE and write the MP4 (off: latents and manifest only)."""
+    save_latents: bool = True
+    """Write each finished block's latents as safetensors."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Which model and in which dtype."""
+    video: VideoConfig = field(default_factory=VideoConfig)
+    """Length, resolution and frame rate."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Prompt, steps, scheduler, guidance, seed."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Block size and context size of the block-wise schedule."""
+    output: OutputConfig = field(default_factory=OutputConfig)
+    """Where and what to write."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "Config":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        cfg = cls()
+        for section, values in data.items():
+            if section not in _SECTIONS:
+                raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(_SECTIONS)})")
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section '{section}' must be a mapping")
+            for key, value in values.items():
+                cfg.set(f"{section}.{key}", value, source)
+        return cfg
+
+    def set(self, dotted: str, value: Any, source: str = "override") -> None:
+        """Set ``section.key`` with a type check (ints are accepted for floats)."""
+        section, _, key = dotted.partition(".")
+        if section not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{section}'")
+        obj = getattr(self, section)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{dotted}' (known in '{section}': {', '.join(fields)})")
+        want = _FIELD_TYPES[(section, key)]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(
+                f"{source}: '{dotted}' must be {want.__name__}, got {type(value).__name__} ({value!r})"
+            )
+        setattr(obj, key, value)
+
+    def validate(self, world_size: int = 1, num_layers: int | None = None) -> None:
+        """Raise ConfigError for the first problem found."""
+        v, s, p, m = self.video, self.sampling, self.parallel, self.model
+        if v.frames < 1 or (v.frames - 1) % VAE_TEMPORAL:
+            lo = (v.frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
+            raise ConfigError(
+                f"--frames {v.frames} is not of the form 4k+1 (Wan's VAE); try {max(lo, 1)} or {lo + VAE_TEMPORAL}"
+            )
+        if p.block < 1:
+            raise ConfigError(f"parallel.block must be >= 1, got {p.block}")
+        if v.latent_frames < p.block:
+            need = (p.block - 1) * VAE_TEMPORAL + 1
+            raise ConfigError(
+                f"--frames {v.frames} gives {v.latent_frames} latent frames, fewer than one block of "
+                f"{p.block}; use at least {need} frames or a smaller --block"
+            )
+        if not 0 <= p.num_cat <= p.block:
+            raise ConfigError(f"parallel.num_cat must be in [0, block={p.block}], got {p.num_cat}")
+        for name, val in (("height", v.height), ("width", v.width)):
+            if val < 16 or val % 16:
+                raise ConfigError(f"video.{name} {val} must be a positive multiple of 16 (VAE x8, patch x2)")
+        if v.fps < 1:
+            raise ConfigError(f"video.fps must be >= 1, got {v.fps}")
+        if not 1 <= s.steps <= 1000:
+            raise ConfigError(f"sampling.steps must be in [1, 1000], got {s.steps}")
+        if s.scheduler not in SCHEDULERS:
+            raise ConfigError(f"sampling.scheduler must be one of {SCHEDULERS}, got '{s.scheduler}'")
+        if not 0.0 < s.flow_shift <= 100.0:
+            raise ConfigError(f"sampling.flow_shift must be in (0, 100], got {s.flow_shift}")
+        if not 0.0 <= s.guidance <= 100.0:
+            raise ConfigError(f"sampling.guidance must be in [0, 100], got {s.guidance}")
+        if not 0 <= s.seed < 2**63:
+            raise ConfigError(f"sampling.seed must be in [0, 2^63), got {s.seed}")
+        if not 0 <= m.weights_seed < 2**63:
+            raise ConfigError(f"model.weights_seed must be in [0, 2^63), got {m.weights_seed}")
+        if m.preset != "tiny":
+            raise ConfigError(f"model.preset '{m.preset}' is unknown (available: tiny)")
+        if m.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {DTYPES}, got '{m.dtype}'")
+        if not 1 <= m.text_len <= 4096:
+            raise ConfigError(f"model.text_len must be in [1, 4096], got {m.text_len}")
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+        if num_layers is not None and world_size > num_layers:
+            raise ConfigError(
+                f"{world_size} ranks but the model has only {num_layers} DiT layers; use at most {num_layers} ranks"
+            )
+        if not self.output.out:
+            raise ConfigError("output.out must not be empty")
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+_FIELD_TYPES: dict[tuple[str, str], type] = {}
+for _sec, _cls in (
+    ("model", ModelConfig),
+    ("video", VideoConfig),
+    ("sampling", SamplingConfig),
+    ("parallel", ParallelConfig),
+    ("output", OutputConfig),
+):
+    for _f in dataclasses.fields(_cls):
+        _FIELD_TYPES[(_sec, _f.name)] = {"int": int, "float": float, "str": str, "bool": bool}[_f.type]
+
+
+def load_config(path: str | None) -> Config:
+    """Read a YAML config file (or return the defaults when ``path`` is None)."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+    return Config.from_dict(data or {}, source=str(path))

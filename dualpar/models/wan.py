@@ -1,0 +1,221 @@
+"""A contiguous slice of a diffusers ``WanTransformer3DModel`` that can attend to extra context.
+
+:class:`WanSlice` keeps layers ``[first, last)`` of the transformer, plus the
+patch and condition embedding when ``first == 0`` and the output head when
+``last`` is the final layer. Its layer forward is diffusers'
+``WanTransformerBlock.forward`` with two additions that block-wise denoising
+needs at every self-attention layer:
+
+* extra keys/values appended to the block's own (the newer neighbour's first
+  frames, from the stage's feature cache), and
+* the K/V of a chosen token range returned, to be cached for the older neighbour.
+
+Keys are cached after ``norm_k`` (a per-token RMS norm) but *before* RoPE, and
+rotated where they are used: the extra frames take the temporal positions that
+follow the consumer's own input frames, which is where they lie in the video.
+
+Between ranks a block travels as one "packet" tensor ``[B, tokens + 7, dim]``:
+its hidden states followed by the time embedding and the six modulation rows,
+so no rank but the first needs the condition embedder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from torch import nn
+
+MOD_ROWS = 7  # temb + 6 modulation vectors appended to the hidden states
+
+
+@dataclass(frozen=True, slots=True)
+class BlockShape:
+    """Geometry of one block's forward pass (identical on every rank)."""
+
+    context: int
+    """Leading context latent frames (outputs discarded)."""
+    own: int
+    """The block's own latent frames."""
+    extra: int
+    """Newer-neighbour frames whose cached K/V are appended (0 if none)."""
+    keep: int
+    """Own leading frames whose K/V are returned for caching (0: none)."""
+    height: int
+    """Latent height."""
+    width: int
+    """Latent width."""
+
+    @property
+    def frames(self) -> int:
+        return self.context + self.own
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x`` [B, L, H, D] (Wan's real-valued RoPE)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanSlice(nn.Module):
+    def __init__(self, model, first: int, last: int):
+        super().__init__()
+        cfg = model.config
+        n = len(model.blocks)
+        if not 0 <= first < last <= n:
+            raise ValueError(f"bad layer range [{first}, {last}) of {n}")
+        if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
+            raise ValueError("only text-to-video Wan models are supported (no image conditioning)")
+        self.first, self.last, self.num_layers = first, last, n
+        self.patch_size = tuple(cfg.patch_size)
+        self.heads = cfg.num_attention_heads
+        self.dim = cfg.num_attention_heads * cfg.attention_head_dim
+        self.out_channels = cfg.out_channels or cfg.in_channels
+        self.rope = model.rope  # no parameters: every rank rebuilds positions locally
+        self.layers = nn.ModuleList(model.blocks[i] for i in range(first, last))
+        self.has_embed = first == 0
+        self.has_head = last == n
+        if self.has_embed:
+            self.patch_embedding = model.patch_embedding
+            self.condition_embedder = model.condition_embedder
+        if self.has_head:
+            self.norm_out = model.norm_out
+            self.proj_out = model.proj_out
+            self.scale_shift_table = model.scale_shift_table
+        self._rope_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].attn1.to_q.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].attn1.to_q.weight.device
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        return (height // self.patch_size[1]) * (width // self.patch_size[2])
+
+    # -- rank 0: embeddings ------------------------------------------------
+
+    def text_context(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """Project text-encoder states [B, S, text_dim] to the model width (once per prompt)."""
+        return self.condition_embedder.text_embedder(prompt_embeds.to(self.device, self.dtype))
+
+    def embed(self, latents: torch.Tensor, timestep: torch.Tensor, batch: int) -> torch.Tensor:
+        """Patch-embed ``latents`` [1, C, F, H, W] and append the time conditioning: a packet."""
+        x = latents.to(self.device, self.dtype).expand(batch, -1, -1, -1, -1)
+        x = self.patch_embedding(x).flatten(2).transpose(1, 2)
+        ce = self.condition_embedder
+        t = ce.timesteps_proj(timestep.reshape(1).expand(batch).to(self.device))
+        tdtype = next(iter(ce.time_embedder.parameters())).dtype
+        if t.dtype != tdtype:
+            t = t.to(tdtype)
+        temb = ce.time_embedder(t).to(self.dtype)
+        tproj = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
+        return torch.cat([x, temb[:, None], tproj], dim=1).contiguous()
+
+    # -- every rank: layers ------------------------------------------------
+
+    def set_text(self, text: torch.Tensor) -> None:
+        """Cache each owned layer's cross-attention K/V: they depend only on the prompt."""
+        kv = []
+        for blk in self.layers:
+            a = blk.attn2
+            k = a.norm_k(a.to_k(text)).unflatten(2, (a.heads, -1))
+            v = a.to_v(text).unflatten(2, (a.heads, -1))
+            kv.append((k, v))
+        self._cross_kv = kv
+
+    def _rope(self, frames: int, height: int, width: int):
+        key = (frames, height, width)
+        if key not in self._rope_cache:
+            dummy = torch.empty(1, 1, frames, height, width, device="meta")
+            cos, sin = self.rope(dummy)
+            self._rope_cache[key] = (cos.to(self.device), sin.to(self.device))
+        return self._rope_cache[key]
+
+    def forward_layers(self, packet: torch.Tensor, shape: BlockShape, extra_kv=None):
+        """Run the owned layers on a packet.
+
+        ``extra_kv`` is a list, per owned layer, of (k, v) [B, tokens, dim] to
+        append (or None). Returns the new packet and, per owned layer, the K/V of
+        the ``shape.keep`` leading own frames (or None when nothing is kept).
+        """
+        if self._cross_kv is None:
+            raise RuntimeError("set_text() must be called before forward_layers()")
+        tpf = self.tokens_per_frame(shape.height, shape.width)
+        n_tok = shape.frames * tpf
+        x, mod = packet[:, :n_tok], packet[:, n_tok:]
+        tproj = mod[:, 1:]
+        cos, sin = self._rope(shape.frames + shape.extra, shape.height, shape.width)
+        rope_q = (cos[:, :n_tok], sin[:, :n_tok])
+        rope_k = (cos, sin)
+        keep = slice(shape.context * tpf, (shape.context + shape.keep) * tpf) if shape.keep else None
+        kept = []
+        for i, blk in enumerate(self.layers):
+            extra = extra_kv[i] if extra_kv is not None else None
+            x, kv = self._layer(blk, x, self._cross_kv[i], tproj, rope_q, rope_k, extra, keep)
+            kept.append(kv)
+        return torch.cat([x, mod], dim=1), kept
+
+    def _layer(self, blk, x, cross_kv, tproj, rope_q, rope_k, extra, keep):
+        # Mirrors diffusers' WanTransformerBlock.forward (wan2.1 path), fp32 norms and modulation.
+        shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + tproj.float()).chunk(6, dim=1)
+        h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        attn, kv = self._self_attention(blk.attn1, h, rope_q, rope_k, extra, keep)
+        x = (x.float() + attn * gate).type_as(x)
+        h = blk.norm2(x.float()).type_as(x)
+        x = x + self._cross_attention(blk.attn2, h, cross_kv)
+        h = (blk.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        x = (x.float() + blk.ffn(h).float() * c_gate).type_as(x)
+        return x, kv
+
+    @staticmethod
+    def _self_attention(a, h, rope_q, rope_k, extra, keep):
+        q = a.norm_q(a.to_q(h))
+        k = a.norm_k(a.to_k(h))
+        v = a.to_v(h)
+        kv = (k[:, keep].clone(), v[:, keep].clone()) if keep is not None else None
+        if extra is not None:
+            k = torch.cat([k, extra[0]], dim=1)
+            v = torch.cat([v, extra[1]], dim=1)
+        q = apply_rope(q.unflatten(2, (a.heads, -1)), *rope_q)
+        k = apply_rope(k.unflatten(2, (a.heads, -1)), *rope_k)
+        v = v.unflatten(2, (a.heads, -1))
+        out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).type_as(q)
+        return a.to_out[1](a.to_out[0](out)), kv
+
+    @staticmethod
+    def _cross_attention(a, h, cross_kv):
+        q = a.norm_q(a.to_q(h)).unflatten(2, (a.heads, -1))
+        out = dispatch_attention_fn(q, cross_kv[0], cross_kv[1], attn_mask=None, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).type_as(q)
+        return a.to_out[1](a.to_out[0](out))
+
+    # -- last rank: head ---------------------------------------------------
+
+    def head(self, packet: torch.Tensor, shape: BlockShape, guidance: float) -> torch.Tensor:
+        """Output norm, projection, unpatchify and CFG; returns the noise prediction of
+        the block's own frames [1, C, own, H, W] in float32."""
+        tpf = self.tokens_per_frame(shape.height, shape.width)
+        n_tok = shape.frames * tpf
+        x, temb = packet[:, :n_tok], packet[:, n_tok]
+        x = x[:, shape.context * tpf :]  # drop the leading context frames
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)
+        pt, ph, pw = self.patch_size
+        b = x.shape[0]
+        x = x.reshape(b, shape.own // pt, shape.height // ph, shape.width // pw, pt, ph, pw, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        x = x.float()
+        if b == 2:  # rows are [cond, uncond]
+            return x[1:] + guidance * (x[:1] - x[1:])
+        return x
