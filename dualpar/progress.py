@@ -1,0 +1,44 @@
+"""Rank 0's progress bar: iterations, blocks finished, frames written, ETA."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class Progress:
+    def __init__(self, plan):
+        self.plan = plan
+        self.blocks_done = 0
+        self.frames_done = 0
+        self.iteration = -1
+        self.bar = tqdm(
+            total=len(plan.tasks),
+            desc="[rank 0] denoising",
+            unit="task",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
+
+    def task_done(self, task) -> None:
+        self.iteration = task.iteration
+        self.bar.update(1)
+        self._postfix()
+
+    def block_done(self, block: int, frames: int) -> None:
+        self.blocks_done += 1
+        self.frames_done += frames
+        self._postfix()
+
+    def _postfix(self) -> None:
+        n_it = len(self.plan.blocks) + self.plan.cfg.sampling.steps - 1
+        self.bar.set_postfix_str(
+            f"iter {self.iteration + 1}/{n_it} blocks {self.blocks_done}/{len(self.plan.blocks)} "
+            f"frames {self.frames_done}/{self.plan.cfg.video.frames}",
+            refresh=False,
+        )
+
+    def close(self) -> None:
+        self.bar.close()
