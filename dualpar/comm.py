@@ -9,6 +9,7 @@ sender keeps each tensor alive until its send completes.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from datetime import timedelta
@@ -79,28 +80,20 @@ class Comm:
         return torch.tensor(vals, dtype=torch.int64, device=self.device)
 
     def send(self, t: torch.Tensor, dst: int, kind: int, task: int) -> None:
-        """Queue ``t`` for ``dst`` without waiting for the transfer."""
+        """Queue ``t`` for ``dst`` without waiting for the transfer.
+
+        Header and payload travel as one byte message: one latency per hop.
+        """
         t = t.contiguous().to(self.device)
         h = self._header(kind, task, t)
-        self._pending.append((dist.isend(h, dst), h))
-        self._pending.append((dist.isend(t, dst), t))
-        self.bytes_sent += h.numel() * 8 + t.numel() * t.element_size()
+        msg = torch.cat([h.view(torch.uint8), t.view(-1).view(torch.uint8)])
+        self._pending.append((dist.isend(msg, dst), msg))
+        self.bytes_sent += msg.numel()
         self._reap()
 
-    def recv(self, src: int, kind: int, task: int) -> torch.Tensor:
-        """Receive the next message from ``src`` and check it is (kind, task)."""
-        h = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.recv(h, src)
-        got_kind, got_task, code, ndim = (int(v) for v in h[:4].tolist())
-        if (got_kind, got_task) != (kind, task):
-            raise CommError(
-                f"rank {self.rank}: expected message kind {kind} for task {task} from rank {src}, "
-                f"got kind {got_kind} for task {got_task}"
-            )
-        shape = [int(v) for v in h[4 : 4 + ndim].tolist()]
-        t = torch.empty(shape, dtype=_DTYPES[code], device=self.device)
-        dist.recv(t, src)
-        return t
+    def inbox(self, src: int, expected, depth: int = 2) -> "Inbox":
+        """Receive, in order, the messages ``expected`` from ``src`` (see :class:`Inbox`)."""
+        return Inbox(self, src, expected, depth)
 
     def _reap(self) -> None:
         while self._pending and self._pending[0][0].is_completed():
@@ -148,3 +141,46 @@ class Comm:
         self.flush()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class Inbox:
+    """The ordered stream of messages this rank expects from one peer.
+
+    ``expected`` yields ``(kind, task, shape, dtype)`` per message: every rank
+    derives the sequence from the schedule, so receives are posted ``depth``
+    messages ahead and the transfer overlaps compute. Each arriving header is
+    checked against what was expected: a mismatch means the ranks disagree on
+    the schedule and is an error, never a silent reinterpretation.
+    """
+
+    def __init__(self, comm: Comm, src: int, expected, depth: int = 2):
+        self.comm, self.src, self.depth = comm, src, max(1, depth)
+        self._expected = iter(expected)
+        self._posted: deque = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._posted) < self.depth:
+            spec = next(self._expected, None)
+            if spec is None:
+                return
+            kind, task, shape, dtype = spec
+            nbytes = HEADER_LEN * 8 + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.comm.device)
+            self._posted.append((dist.irecv(buf, self.src), buf, spec))
+
+    def next(self) -> torch.Tensor:
+        if not self._posted:
+            raise CommError(f"rank {self.comm.rank}: no further message expected from rank {self.src}")
+        work, buf, (kind, task, shape, dtype) = self._posted.popleft()
+        work.wait()
+        self._fill()
+        h = buf[: HEADER_LEN * 8].view(torch.int64).tolist()
+        got_kind, got_task, code, ndim = h[:4]
+        got_shape = list(h[4 : 4 + ndim])
+        if (got_kind, got_task, _DTYPES[code], got_shape) != (kind, task, dtype, list(shape)):
+            raise CommError(
+                f"rank {self.comm.rank}: expected from rank {self.src} message kind {kind} task {task} "
+                f"{dtype} {list(shape)}, got kind {got_kind} task {got_task} {_DTYPES[code]} {got_shape}"
+            )
+        return buf[HEADER_LEN * 8 :].view(dtype).view(shape)

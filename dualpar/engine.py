@@ -23,7 +23,7 @@ from . import schedule as sch
 from .comm import KIND_PACKET, KIND_PRED, Comm
 from .config import Config
 from .models import loader
-from .models.wan import BlockShape
+from .models.wan import MOD_ROWS, BlockShape
 from .noise import NoisePool
 from .stage import Stage
 
@@ -63,6 +63,14 @@ class Plan:
         return BlockShape(
             context=lay.context, own=lay.own, extra=lay.extra, keep=lay.keep, height=self.lat_h, width=self.lat_w
         )
+
+    def packet_shape(self, task: sch.Task, dim: int) -> tuple[int, ...]:
+        s = self.shape(task)
+        tpf = (self.lat_h // 2) * (self.lat_w // 2)
+        return (self.batch, s.frames * tpf + MOD_ROWS, dim)
+
+    def pred_shape(self, task: sch.Task, channels: int) -> tuple[int, ...]:
+        return (1, channels, self.blocks[task.block].frames, self.lat_h, self.lat_w)
 
     def frames_of_block(self, b: int) -> int:
         blk = self.blocks[b]
@@ -106,11 +114,16 @@ class Engine:
     def _run_other(self) -> RunStats:
         comm, plan, st = self.comm, self.plan, RunStats()
         self.stage.cache.clear()
+        model = self.stage.model
+        inbox = comm.inbox(
+            comm.prev,
+            ((KIND_PACKET, t.index, plan.packet_shape(t, model.dim), model.dtype) for t in plan.tasks),
+        )
         t0 = time.perf_counter()
         for task in plan.tasks:
             shape = plan.shape(task)
             tw = time.perf_counter()
-            packet = comm.recv(comm.prev, KIND_PACKET, task.index)
+            packet = inbox.next()
             tc = time.perf_counter()
             st.wait_s += tc - tw
             packet = self.stage.run(packet, task, shape)
@@ -146,6 +159,12 @@ class Engine:
         tails: dict[int, torch.Tensor] = {}  # last num_cat frames of finished blocks
         applied = -1
         self.stage.cache.clear()
+        inbox = None
+        if comm.world > 1:
+            inbox = comm.inbox(
+                comm.world - 1,
+                ((KIND_PRED, t.index, plan.pred_shape(t, model.out_channels), torch.float32) for t in plan.tasks),
+            )
 
         def apply(task: sch.Task, pred: torch.Tensor) -> None:
             b = task.block
@@ -168,7 +187,7 @@ class Engine:
             while applied < task.needs:  # results this input depends on
                 nxt = plan.tasks[applied + 1]
                 tw = time.perf_counter()
-                pred = comm.recv(comm.world - 1, KIND_PRED, nxt.index)
+                pred = inbox.next()
                 tc = time.perf_counter()
                 st.wait_s += tc - tw
                 apply(nxt, pred)
@@ -199,7 +218,7 @@ class Engine:
         while applied < len(plan.tasks) - 1:
             nxt = plan.tasks[applied + 1]
             tw = time.perf_counter()
-            pred = comm.recv(comm.world - 1, KIND_PRED, nxt.index)
+            pred = inbox.next()
             tc = time.perf_counter()
             st.wait_s += tc - tw
             apply(nxt, pred)
