@@ -85,6 +85,17 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {path} is not writable")
 
 
+def clear_run(path: str) -> None:
+    """Remove a previous run's files (only those the engine writes) from ``path``."""
+    import shutil
+
+    for name in ("manifest.json", "video.mp4"):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            os.remove(p)
+    shutil.rmtree(os.path.join(path, "latents"), ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -123,6 +134,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
               f"{len(engine.plan.blocks)} blocks x {cfg.sampling.steps} steps")
     writer = progress = None
     if comm.is_first:
+        if args.overwrite:
+            clear_run(cfg.output.out)
         from .output import RunWriter
         from .models import loader
 
@@ -138,7 +151,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             save_latents=cfg.output.save_latents,
             decode=cfg.output.decode,
             background=True,
-            overwrite=args.overwrite,
+            queue_blocks=cfg.output.queue_blocks,
         )
         if cfg.output.progress:
             progress = Progress(engine.plan)

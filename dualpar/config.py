@@ -47,9 +47,9 @@ class ModelConfig:
 class VideoConfig:
     frames: int = 1025
     """Output frames; Wan needs 4k+1 (1025 frames = 257 latent frames)."""
-    height: int = 64
+    height: int = 96
     """Frame height in pixels; a multiple of 16 (VAE x8, patch x2)."""
-    width: int = 64
+    width: int = 96
     """Frame width in pixels; a multiple of 16."""
     fps: int = 16
     """Frame rate written into the MP4 (Wan2.1 uses 16)."""
@@ -95,6 +95,8 @@ class OutputConfig:
     """Write each finished block's latents as safetensors."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    queue_blocks: int = 8
+    """Finished blocks that may wait for decoding before denoising pauses (bounds memory)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -194,6 +196,8 @@ class Config:
             raise ConfigError(
                 f"{world_size} ranks but the model has only {num_layers} DiT layers; use at most {num_layers} ranks"
             )
+        if not 1 <= self.output.queue_blocks <= 1024:
+            raise ConfigError(f"output.queue_blocks must be in [1, 1024], got {self.output.queue_blocks}")
         if not self.output.out:
             raise ConfigError("output.out must not be empty")
 

@@ -434,7 +434,7 @@ class RunWriter:
     manifest says; its first ``video_bytes`` bytes hold exactly ``frames_written`` frames.
 
     With ``background=True`` saving, decoding and writing run on one worker thread fed by
-    a bounded queue (the producer blocks while two blocks are already waiting). A failure
+    a bounded queue of ``queue_blocks`` latent blocks (the producer blocks while it is full). A failure
     while writing a block, on either thread, finishes the run as "incomplete" and is
     raised by that ``add_block`` (synchronous) or by the next ``add_block``/``finish``
     (background).
@@ -457,6 +457,7 @@ class RunWriter:
         save_latents: bool = True,
         decode: bool = True,
         background: bool = False,
+        queue_blocks: int = 2,
     ) -> None:
         if decode and vae is None:
             raise ValueError("decode=True needs a vae")
@@ -500,7 +501,7 @@ class RunWriter:
         self._queue: queue.Queue | None = None
         self._worker: threading.Thread | None = None
         if background:
-            self._queue = queue.Queue(maxsize=2)
+            self._queue = queue.Queue(maxsize=max(1, queue_blocks))
             self._worker = threading.Thread(target=self._work, name="RunWriter", daemon=True)
             self._worker.start()
 
