@@ -89,11 +89,20 @@ def clear_run(path: str) -> None:
     """Remove a previous run's files (only those the engine writes) from ``path``."""
     import shutil
 
-    for name in ("manifest.json", "video.mp4"):
+    for name in ("manifest.json", "video.mp4", "stats.json"):
         p = os.path.join(path, name)
         if os.path.isfile(p):
             os.remove(p)
     shutil.rmtree(os.path.join(path, "latents"), ignore_errors=True)
+
+
+def write_stats(out: str, stats: dict) -> None:
+    """Timing of the run, for benchmarks: ``stats.json`` beside the manifest."""
+    import json
+
+    from .output import atomic_write
+
+    atomic_write(out, "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate(world_size=world, num_layers=num_layers(cfg))
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        if not cfg.output.out:
+            cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
         if rank == 0:
             check_output_dir(cfg.output.out, args.overwrite)
     except ConfigError as e:
@@ -172,8 +183,15 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         total = time.perf_counter() - t_start
         loop_s = max(r[0] for r in loop)
         frames = cfg.video.frames
-        for r, (wall, comp, wait, sent) in enumerate(loop):
-            log(0, f"rank {r}: busy {comp / max(wall, 1e-9):.0%}, waiting {wait:.1f} s, sent {sent / 1e6:.1f} MB")
+        per_rank = [
+            {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent)}
+            for r, (wall, comp, wait, sent) in enumerate(loop)
+        ]
+        for r in per_rank:
+            log(0, f"rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
+                   f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB")
+        write_stats(cfg.output.out, {"world_size": comm.world, "frames": frames, "total_s": total,
+                                     "loop_s": loop_s, "ranks": per_rank})
         log(0, f"done: {frames} frames in {total:.1f} s ({frames / total:.1f} frames/s end to end; "
                f"denoising loop {loop_s:.1f} s) -> {os.path.join(cfg.output.out, 'video.mp4' if cfg.output.decode else 'latents')}")
     return 0

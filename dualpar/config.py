@@ -87,8 +87,8 @@ class ParallelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OutputConfig:
-    out: str = "outputs/run"
-    """Output directory: video.mp4, latents/, manifest.json."""
+    out: str = ""
+    """Output directory (video.mp4, latents/, manifest.json); empty: ``outputs/run-<date>-<time>``."""
     decode: bool = True
     """Decode finished blocks with the VAE and write the MP4 (off: latents and manifest only)."""
     save_latents: bool = True
@@ -198,8 +198,6 @@ class Config:
             )
         if not 1 <= self.output.queue_blocks <= 1024:
             raise ConfigError(f"output.queue_blocks must be in [1, 1024], got {self.output.queue_blocks}")
-        if not self.output.out:
-            raise ConfigError("output.out must not be empty")
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}

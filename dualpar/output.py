@@ -412,6 +412,7 @@ def atomic_write(root: str | os.PathLike, relpath: str | os.PathLike, data: byte
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.chmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; give it a normal file's mode
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -419,6 +420,15 @@ def atomic_write(root: str | os.PathLike, relpath: str | os.PathLike, data: byte
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
     return path
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _now() -> str:
