@@ -39,6 +39,8 @@ class Comm:
         self.device = torch.device(device)
         self._pending: deque = deque()
         self.bytes_sent = 0
+        self.send_window = 8
+        """Sends kept in flight before the oldest is waited for (bounds buffered memory)."""
 
     @classmethod
     def from_env(cls, device: str | None = None, timeout_s: float = 600.0) -> "Comm":
@@ -96,8 +98,14 @@ class Comm:
         return Inbox(self, src, expected, depth)
 
     def _reap(self) -> None:
-        while self._pending and self._pending[0][0].is_completed():
-            self._pending.popleft()
+        # A gloo send completes once the receiver has posted the matching receive,
+        # and reports completion only through wait(): wait for the oldest sends
+        # beyond the window. The engine keeps fewer tasks in flight than the
+        # window, so the oldest has always been received already and this never
+        # blocks for long (and never deadlocks the ring).
+        while len(self._pending) > self.send_window:
+            work, _ = self._pending.popleft()
+            work.wait()
 
     def flush(self) -> None:
         """Wait until every queued send has completed."""

@@ -85,6 +85,10 @@ class Engine:
         self.plan = Plan(cfg, comm.world, loader.num_layers(cfg))
         first, last = self.plan.layers[comm.rank]
         self.stage = Stage(loader.load_slice(cfg, first, last, comm.device))
+        # Tasks rank 0 may have in flight around the ring: enough to keep every
+        # stage busy, few enough that no link ever buffers more than the send window.
+        self.in_flight = 2 * comm.world
+        comm.send_window = self.in_flight + 1
         self.text = None
         if comm.is_first:
             self.tokenizer, self.text_encoder = loader.load_text_encoder(cfg)
@@ -184,7 +188,8 @@ class Engine:
         t0 = time.perf_counter()
         for task in plan.tasks:
             shape = plan.shape(task)
-            while applied < task.needs:  # results this input depends on
+            # Wait for the results this input depends on, and keep the ring's load bounded.
+            while applied < max(task.needs, task.index - self.in_flight):
                 nxt = plan.tasks[applied + 1]
                 tw = time.perf_counter()
                 pred = inbox.next()
