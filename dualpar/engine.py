@@ -42,6 +42,8 @@ class RunStats:
     """Time spent blocked on receives."""
     tasks: int = 0
     bytes_sent: int = 0
+    peak_live_blocks: int = 0
+    """Most block latents rank 0 held at once (queued blocks + context tail): bounded by ``steps + 1``."""
     blocks: list[torch.Tensor] = field(default_factory=list)
     """Finished block latents (rank 0, only when ``keep_latents``)."""
 
@@ -208,6 +210,7 @@ class Engine:
                 older = latents.get(task.older)
                 older = older if older is not None else tails[task.older]
                 x = torch.cat([older[:, :, older.shape[2] - shape.context :], x], dim=2)
+            st.peak_live_blocks = max(st.peak_live_blocks, len(latents) + len(tails))
             packet = model.embed(x, timesteps[task.step], plan.batch)
             packet = self.stage.run(packet, task, shape)
             if comm.world == 1:

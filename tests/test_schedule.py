@@ -86,3 +86,23 @@ def test_split_layers_contiguous_and_balanced(n, w):
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
         split_layers(n, n + 1)
+
+
+def test_rank0_state_does_not_grow_with_video_length():
+    # Invariant 3 at the engine level: held latents depend on `steps`, not on length.
+    from dualpar.comm import Comm
+    from dualpar.config import Config
+    from dualpar.engine import Engine
+
+    peaks = []
+    for frames in (65, 257):
+        cfg = Config()
+        cfg.video.frames, cfg.video.height, cfg.video.width = frames, 16, 16
+        cfg.parallel.block, cfg.parallel.num_cat, cfg.sampling.steps = 2, 1, 3
+        cfg.model.text_len = 8
+        eng = Engine(cfg, Comm())
+        eng.set_prompt("a cat", "blurry")
+        st = eng.generate()
+        assert st.tasks == len(eng.plan.blocks) * 3
+        peaks.append(st.peak_live_blocks)
+    assert peaks[0] == peaks[1] <= 3 + 1
