@@ -16,6 +16,7 @@ renamed to diffusers' names by :func:`convert_original_wan_state_dict`.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -254,12 +255,14 @@ def _assemble(
     origin: str,
     dtype: torch.dtype,
     device: torch.device | str,
-    copy: bool,
 ) -> tuple[WanSlice, set[str]]:
     """Fill an empty slice with the tensors ``read`` yields for the owned names.
 
-    ``read`` is only ever asked for owned names, and its tensors are cast and
-    moved one at a time, so peak memory is the slice plus one tensor.
+    ``read`` is only ever asked for owned names, and its tensors are copied
+    (cast, moved) one at a time, so peak memory is the slice plus one tensor.
+    The copy matters on CPU: safetensors and ``torch.load(mmap=True)`` hand
+    out views of the mapped file, and weights must not change (or fault) if
+    the file is rewritten while the engine runs.
     """
     part = _empty_slice(config, first, last)
     device = torch.device(device)
@@ -281,7 +284,7 @@ def _assemble(
                 f"{origin}: tensor {ckpt!r} has shape {tuple(t.shape)}, the model expects {tuple(shapes[ckpt])}"
             )
         target = _target_dtype(ckpt, dtype, keep_fp32) if t.is_floating_point() else t.dtype
-        state[names[ckpt]] = t.to(device=device, dtype=target, copy=copy)
+        state[names[ckpt]] = t.to(device=device, dtype=target, copy=True)
     part.load_state_dict(state, strict=True, assign=True)
     part.rope.to(device)
     part.eval().requires_grad_(False)
@@ -347,7 +350,6 @@ def load_transformer_slice(
         origin=origin,
         dtype=dtype,
         device=device,
-        copy=False,  # safetensors already hands out private tensors
     )
 
 
@@ -364,7 +366,7 @@ def load_transformer_slice_from_state_dict(
 
     ``config`` is a transformer config dict or a path :func:`read_transformer_config`
     accepts. Only owned entries are touched (so a memory-mapped state dict is
-    paged in only for them); they are copied, never aliased. Extra entries are
+    paged in only for them); they are copied, never aliased. Other entries are
     ignored. Returns the slice and the set of names used.
     """
     cfg = read_transformer_config(config) if isinstance(config, (str, Path)) else dict(config)
@@ -384,7 +386,6 @@ def load_transformer_slice_from_state_dict(
         origin="state dict",
         dtype=dtype,
         device=device,
-        copy=True,
     )
 
 
@@ -551,14 +552,21 @@ def load_original_wan_file(path: str | Path) -> dict[str, Any]:
     if p.suffix not in (".pt", ".pth"):
         raise CheckpointError(f"unsupported checkpoint file type {p.suffix!r}: {p} (use .safetensors, .pt or .pth)")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise CheckpointError(f"cannot load {p}: {e}") from None
-        # legacy (non-zip) serialization cannot be memory-mapped
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled objects: say so in one line
-        raise CheckpointError(f"cannot load {p}: {str(e).splitlines()[0]}") from None
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # legacy (non-zip) serialization cannot be memory-mapped
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"cannot load {p}: it holds objects other than tensors and plain containers "
+            "(only weights_only loading is allowed)"
+        ) from None
+    except Exception as e:
+        lines = str(e).strip().splitlines()
+        raise CheckpointError(f"cannot load {p}: {lines[0] if lines else type(e).__name__}") from None
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{p}: expected a state dict, got {type(obj).__name__}")
     return dict(obj)
@@ -606,7 +614,6 @@ def load_original_wan_slice(
             origin=str(p),
             dtype=dtype,
             device=device,
-            copy=False,
         )
 
 

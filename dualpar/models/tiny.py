@@ -4,7 +4,7 @@ It has the real architecture (diffusers' ``WanTransformer3DModel`` and
 ``AutoencoderKLWan``, a ``UMT5EncoderModel`` text encoder and a T5 tokenizer),
 only small, so that the whole engine runs on a CPU in minutes. Nothing is
 downloaded: the same seed always gives the same weights, on every rank.
-``scripts/make_tiny_model.py`` saves it as a diffusers-format folder.
+``scripts/make_tiny_checkpoint.py`` saves it as a diffusers-format folder.
 """
 
 from __future__ import annotations
