@@ -24,6 +24,8 @@ _FLAGS = {
     "seed": ("sampling.seed", int, "noise seed"),
     "block": ("parallel.block", int, "latent frames per block"),
     "num_cat": ("parallel.num_cat", int, "context latent frames per neighbour"),
+    "model": ("model.path", str, "local diffusers-format Wan2.1 T2V folder (default: the tiny preset)"),
+    "transformer_file": ("model.transformer_file", str, "transformer weights replacing the folder's (diffusers or original Wan names)"),
     "dtype": ("model.dtype", str, "float32, bfloat16 or float16"),
     "out": ("output.out", str, "output directory"),
 }
@@ -111,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = config_from_args(args)
-        from .models.loader import num_layers
+        from .models.loader import check_model, num_layers
 
+        cfg.validate(world_size=world)
+        check_model(cfg)
         cfg.validate(world_size=world, num_layers=num_layers(cfg))
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
@@ -152,7 +156,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 
         writer = RunWriter(
             cfg.output.out,
-            vae=loader.load_vae(cfg) if cfg.output.decode else None,
+            vae=loader.load_vae(cfg, comm.device) if cfg.output.decode else None,
             config=cfg.to_dict(),
             seed=cfg.sampling.seed,
             blocks_total=len(engine.plan.blocks),

@@ -34,7 +34,13 @@ class ConfigError(ValueError):
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     preset: str = "tiny"
-    """Model to run. ``tiny`` is the embedded seeded random-weight Wan2.1 model."""
+    """Built-in model when ``path`` is empty. ``tiny`` is the embedded seeded random-weight Wan2.1 model."""
+    path: str = ""
+    """Local diffusers-format Wan2.1 text-to-video folder (model_index.json, transformer/, vae/,
+    text_encoder/, tokenizer/, scheduler/); each rank reads only its own tensors."""
+    transformer_file: str = ""
+    """Optional transformer weights replacing the folder's: a .safetensors (or .pt, read with
+    weights_only) state dict in diffusers or original Wan naming (Self-Forcing, CausVid, LongLive)."""
     weights_seed: int = 0
     """Seed of the tiny preset's random weights (identical on every rank)."""
     dtype: str = "float32"
@@ -184,8 +190,10 @@ class Config:
             raise ConfigError(f"sampling.seed must be in [0, 2^63), got {s.seed}")
         if not 0 <= m.weights_seed < 2**63:
             raise ConfigError(f"model.weights_seed must be in [0, 2^63), got {m.weights_seed}")
-        if m.preset != "tiny":
-            raise ConfigError(f"model.preset '{m.preset}' is unknown (available: tiny)")
+        if not m.path and m.preset != "tiny":
+            raise ConfigError(f"model.preset '{m.preset}' is unknown (available: tiny; or give --model PATH)")
+        if m.transformer_file and not m.path:
+            raise ConfigError("model.transformer_file needs model.path (the folder gives config, VAE and text encoder)")
         if m.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {DTYPES}, got '{m.dtype}'")
         if not 1 <= m.text_len <= 4096:

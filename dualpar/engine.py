@@ -13,6 +13,7 @@ the output writer on rank 0 as soon as they are clean.
 from __future__ import annotations
 
 import copy
+import gc
 import sys
 import time
 from dataclasses import dataclass, field
@@ -91,19 +92,25 @@ class Engine:
         # stage busy, few enough that no link ever buffers more than the send window.
         self.in_flight = 2 * comm.world
         comm.send_window = self.in_flight + 1
-        self.text = None
-        if comm.is_first:
-            self.tokenizer, self.text_encoder = loader.load_text_encoder(cfg)
 
     # -- prompt --------------------------------------------------------------
 
     @torch.no_grad()
     def set_prompt(self, prompt: str, negative: str) -> None:
-        """Encode on rank 0 and give every rank the projected text context."""
+        """Encode on rank 0 and give every rank the projected text context.
+
+        The text encoder (UMT5-XXL is about 11 GB) is loaded on rank 0 only, for
+        this prompt, and freed before denoising starts.
+        """
         text = None
         if self.comm.is_first:
             prompts = [prompt, negative] if self.plan.batch == 2 else [prompt]
-            states = loader.encode_prompts(self.tokenizer, self.text_encoder, prompts, self.cfg.model.text_len)
+            tokenizer, encoder = loader.load_text_encoder(self.cfg, self.comm.device)
+            states = loader.encode_prompts(tokenizer, encoder, prompts, self.cfg.model.text_len)
+            del tokenizer, encoder
+            gc.collect()
+            if self.comm.device.type == "cuda":
+                torch.cuda.empty_cache()
             text = self.stage.model.text_context(states)
         text = self.comm.broadcast(text, src=0)
         self.stage.model.set_text(text.to(self.stage.model.device))

@@ -211,7 +211,8 @@ def _checkpoint_name(slice_name: str, first: int) -> str:
     return slice_name
 
 
-def _keep_fp32_modules() -> tuple[str, ...]:
+def keep_fp32_names() -> tuple[str, ...]:
+    """Name components diffusers keeps in float32 when the model runs in bf16/fp16."""
     from diffusers import WanTransformer3DModel
 
     return tuple(getattr(WanTransformer3DModel, "_keep_in_fp32_modules", None) or _DEFAULT_KEEP_FP32)
@@ -276,7 +277,7 @@ def _assemble(
         if not available(ckpt):
             raise CheckpointError(f"{origin}: missing tensor {ckpt!r}")
 
-    keep_fp32 = _keep_fp32_modules() if dtype.is_floating_point else ()
+    keep_fp32 = keep_fp32_names() if dtype.is_floating_point else ()
     state: dict[str, torch.Tensor] = {}
     for ckpt, t in read(list(names)):
         if t.shape != shapes[ckpt]:

@@ -1,12 +1,19 @@
-"""Build the parts of a model that one rank needs, and the schedulers and prompt encoder."""
+"""Build the parts of a model that one rank needs, and the schedulers and prompt encoder.
+
+Two sources: the embedded ``tiny`` preset (built in-process from a seed) or a
+local diffusers-format Wan2.1 folder (``model.path``), from which each rank
+reads only the transformer tensors it owns.
+"""
 
 from __future__ import annotations
 
 import gc
+import json
+from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from .wan import WanSlice
 
 VAE_SPATIAL = 8
@@ -18,7 +25,30 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPE[name]
 
 
+def check_model(cfg: Config) -> None:
+    """Validate ``model.path`` / ``model.transformer_file`` without reading weights (ConfigError)."""
+    from .checkpoint import CheckpointError, check_model_dir
+
+    m = cfg.model
+    if not m.path:
+        return
+    try:
+        check_model_dir(m.path)
+    except CheckpointError as e:
+        raise ConfigError(f"--model: {e}") from None
+    if m.transformer_file:
+        p = Path(m.transformer_file)
+        if not p.is_file():
+            raise ConfigError(f"model.transformer_file: no such file {p}")
+        if p.suffix not in (".safetensors", ".pt", ".pth"):
+            raise ConfigError(f"model.transformer_file: {p} is not .safetensors, .pt or .pth")
+
+
 def num_layers(cfg: Config) -> int:
+    if cfg.model.path:
+        from .checkpoint import read_transformer_config
+
+        return int(read_transformer_config(cfg.model.path)["num_layers"])
     from .tiny import TINY_TRANSFORMER
 
     return TINY_TRANSFORMER["num_layers"]
@@ -26,40 +56,63 @@ def num_layers(cfg: Config) -> int:
 
 def load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanSlice:
     """Layers [first, last) (plus embedding / head at the ends), nothing else kept in memory."""
+    dtype = torch_dtype(cfg.model.dtype)
+    if cfg.model.path:
+        from . import checkpoint
+
+        if cfg.model.transformer_file:
+            config = checkpoint.read_transformer_config(cfg.model.path)
+            part = checkpoint.load_original_wan_slice(
+                config, cfg.model.transformer_file, first, last, dtype=dtype, device=device
+            )
+        else:
+            part, _ = checkpoint.load_transformer_slice(cfg.model.path, first, last, dtype=dtype, device=device)
+        return part.eval().requires_grad_(False)
+
+    from .checkpoint import keep_fp32_names
     from .tiny import tiny_transformer
 
     full = tiny_transformer(cfg.model.weights_seed)
     part = WanSlice(full, first, last)
     del full
     gc.collect()
-    # diffusers keeps rope and the fp32-sensitive modules in fp32 for low-precision runs.
     part.to(device)
-    if cfg.model.dtype != "float32":
-        dt = torch_dtype(cfg.model.dtype)
-        for name, mod in part.named_children():
-            if name == "rope":
-                continue
-            mod.to(dt)
-        for blk in part.layers:
-            blk.scale_shift_table.data = blk.scale_shift_table.data.float()
-        if part.has_embed:
-            part.condition_embedder.time_embedder.float()
-        if part.has_head:
-            part.scale_shift_table.data = part.scale_shift_table.data.float()
+    if dtype != torch.float32:
+        keep = keep_fp32_names()
+        for name, p in part.named_parameters():
+            if not any(k in name.split(".") for k in keep):
+                p.data = p.data.to(dtype)
     return part.eval().requires_grad_(False)
 
 
-def load_vae(cfg: Config):
-    from .tiny import tiny_vae
+def load_vae(cfg: Config, device: torch.device | str = "cpu"):
+    """The VAE, in float32, for the rank that writes the output."""
+    if cfg.model.path:
+        from diffusers import AutoencoderKLWan
 
-    return tiny_vae(cfg.model.weights_seed + 1).requires_grad_(False)
+        vae = AutoencoderKLWan.from_pretrained(cfg.model.path, subfolder="vae", torch_dtype=torch.float32)
+    else:
+        from .tiny import tiny_vae
+
+        vae = tiny_vae(cfg.model.weights_seed + 1)
+    return vae.to(device).eval().requires_grad_(False)
 
 
-def load_text_encoder(cfg: Config):
-    from .tiny import tiny_text_encoder, tiny_tokenizer
+def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
+    """Tokenizer and UMT5 encoder (in the model dtype, as WanPipeline loads it)."""
+    if cfg.model.path:
+        from transformers import AutoTokenizer, UMT5EncoderModel
 
-    tok = tiny_tokenizer()
-    return tok, tiny_text_encoder(cfg.model.weights_seed + 2, len(tok)).requires_grad_(False)
+        tok = AutoTokenizer.from_pretrained(cfg.model.path, subfolder="tokenizer")
+        enc = UMT5EncoderModel.from_pretrained(
+            cfg.model.path, subfolder="text_encoder", torch_dtype=torch_dtype(cfg.model.dtype)
+        )
+    else:
+        from .tiny import tiny_text_encoder, tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        enc = tiny_text_encoder(cfg.model.weights_seed + 2, len(tok))
+    return tok, enc.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -83,18 +136,26 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_len: int) ->
     out = torch.zeros_like(states)
     for i, n in enumerate(lens.tolist()):
         out[i, :n] = states[i, :n]
-    return out.float().cpu()
+    return out
 
 
 def make_scheduler(cfg: Config):
-    """A scheduler with its timesteps set, as WanPipeline configures it."""
+    """A scheduler with its timesteps set, as WanPipeline configures it.
+
+    With ``model.path`` the folder's UniPC settings are used; ``flow_shift``
+    always comes from the run's config.
+    """
     s = cfg.sampling
     if s.scheduler == "unipc":
         from diffusers import UniPCMultistepScheduler
 
-        sched = UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=s.flow_shift
-        )
+        base = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000)
+        if cfg.model.path:
+            folder = Path(cfg.model.path) / "scheduler" / "scheduler_config.json"
+            saved = json.loads(folder.read_text())
+            if saved.get("_class_name") == "UniPCMultistepScheduler":
+                base = {k: v for k, v in saved.items() if not k.startswith("_")}
+        sched = UniPCMultistepScheduler.from_config({**base, "flow_shift": s.flow_shift})
     else:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
