@@ -77,3 +77,16 @@ def test_broken_model_folder_stops_every_rank(root, tmp_path, tiny_dir):
     res = run_bad(root, ["--model", str(bad)], n=2)
     assert res.returncode != 0
     assert res.stderr.count("error: --model") == 1  # printed once, by rank 0
+
+
+@pytest.mark.parametrize("name,layers_hw", [("wan2.1-t2v-1.3b-480p.yaml", (480, 832, 3.0)),
+                                            ("wan2.1-t2v-14b-720p.yaml", (720, 1280, 5.0))])
+def test_shipped_real_model_configs_parse_and_validate(root, name, layers_hw):
+    from dualpar.config import load_config
+
+    cfg = load_config(os.path.join(root, "configs", name))
+    h, w, shift = layers_hw
+    assert (cfg.video.height, cfg.video.width, cfg.sampling.flow_shift) == (h, w, shift)
+    assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.parallel.block, cfg.parallel.num_cat) == (50, 5.0, 8, 8)
+    assert cfg.model.dtype == "bfloat16" and cfg.video.frames == 1025
+    cfg.validate(world_size=8, num_layers=30)
