@@ -25,7 +25,7 @@ _FLAGS = {
     "block": ("parallel.block", int, "latent frames per block"),
     "num_cat": ("parallel.num_cat", int, "context latent frames per neighbour"),
     "model": ("model.path", str, "local diffusers-format Wan2.1 T2V folder (default: the tiny preset)"),
-    "transformer_file": ("model.transformer_file", str, "transformer weights replacing the folder's (diffusers or original Wan names)"),
+    "transformer_file": ("model.transformer_file", str, "transformer weights in original Wan naming, replacing the folder's"),
     "dtype": ("model.dtype", str, "float32, bfloat16 or float16"),
     "out": ("output.out", str, "output directory"),
 }

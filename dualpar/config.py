@@ -40,7 +40,7 @@ class ModelConfig:
     text_encoder/, tokenizer/, scheduler/); each rank reads only its own tensors."""
     transformer_file: str = ""
     """Optional transformer weights replacing the folder's: a .safetensors (or .pt, read with
-    weights_only) state dict in diffusers or original Wan naming (Self-Forcing, CausVid, LongLive)."""
+    weights_only) state dict in the original Wan naming (Self-Forcing, CausVid, LongLive)."""
     weights_seed: int = 0
     """Seed of the tiny preset's random weights (identical on every rank)."""
     dtype: str = "float32"

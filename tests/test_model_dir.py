@@ -90,3 +90,26 @@ def test_shipped_real_model_configs_parse_and_validate(root, name, layers_hw):
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.parallel.block, cfg.parallel.num_cat) == (50, 5.0, 8, 8)
     assert cfg.model.dtype == "bfloat16" and cfg.video.frames == 1025
     cfg.validate(world_size=8, num_layers=30)
+
+
+def test_original_wan_naming_file_through_the_launcher(root, tmp_path, tiny_dir):
+    # The tiny preset's transformer renamed to the original Wan naming (as
+    # Self-Forcing ships it: nested under "generator", prefixed "model.")
+    # must give exactly the same video latents.
+    import torch
+    from safetensors.torch import save_file
+    from test_checkpoint import to_original_names
+
+    from dualpar.models.tiny import tiny_transformer
+
+    sd = to_original_names(tiny_transformer(0).state_dict())
+    for fmt in ("safetensors", "pt"):
+        path = tmp_path / f"generator.{fmt}"
+        if fmt == "pt":
+            torch.save({"generator": {"model." + k: v for k, v in sd.items()}}, path)
+        else:
+            save_file({"generator.model." + k: v.contiguous() for k, v in sd.items()}, str(path))
+        launch(root, 2, tmp_path / f"run-{fmt}", ["--model", str(tiny_dir), "--transformer-file", str(path)])
+        _, got = read_blocks(tmp_path / f"run-{fmt}")
+        ref = reference("unipc")
+        assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-5

@@ -62,7 +62,7 @@ def load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanS
 
         if cfg.model.transformer_file:
             config = checkpoint.read_transformer_config(cfg.model.path)
-            part = checkpoint.load_original_wan_slice(
+            part, _ = checkpoint.load_original_wan_slice(
                 config, cfg.model.transformer_file, first, last, dtype=dtype, device=device
             )
         else:
