@@ -44,16 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-decode", action="store_true", help="skip VAE decode and MP4; write latents and manifest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     p.add_argument("--device", help="torch device for this rank (default: cuda:LOCAL_RANK if available, else cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per rank (default 1: ranks share the cores)")
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
     import yaml
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, base)
     for item in args.set:
         key, eq, raw = item.partition("=")
         if not eq:
@@ -74,17 +75,38 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
+# Keys that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = ("output.out", "output.progress", "output.queue_blocks", "output.checkpoint_every",
+                     "parallel.timeout_s")
+
+
 def check_output_dir(path: str, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory, or to start when it cannot be written."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--out {path} exists and is not a directory")
     if os.path.exists(os.path.join(path, "manifest.json")) and not overwrite:
-        raise ConfigError(f"--out {path} already holds a run (manifest.json); choose another --out or pass --overwrite")
-    parent = path
+        raise ConfigError(f"--out {path} already holds a run (manifest.json); continue it with --resume {path}, "
+                          "choose another --out, or pass --overwrite")
+    parent = os.path.abspath(path)
     while not os.path.exists(parent):
-        parent = os.path.dirname(parent) or "."
-    if not os.access(parent, os.W_OK):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out {path} is not writable")
+
+
+def check_device(name: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
 
 
 def clear_run(path: str) -> None:
@@ -107,12 +129,40 @@ def write_stats(out: str, stats: dict) -> None:
     atomic_write(out, "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
 
 
+def config_for_resume(args: argparse.Namespace) -> Config:
+    """The interrupted run's config (its manifest), with any options given now checked against it."""
+    import json
+
+    from . import resume
+
+    man_path = os.path.join(args.resume, "manifest.json")
+    try:
+        with open(man_path) as f:
+            manifest = json.load(f)
+        base = Config.from_dict(manifest["config"], source=man_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--resume {args.resume}: cannot read the run's manifest.json ({e})") from None
+    if manifest.get("status") == "complete":
+        raise ConfigError(f"--resume {args.resume}: the run is already complete")
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        raise ConfigError("--resume continues the run in its own directory; drop --out")
+    cfg = config_from_args(args, Config.from_dict(manifest["config"]))
+    diff = base.differences(cfg, ignore=RESUMABLE_CHANGES)
+    if diff:
+        raise ConfigError(f"--resume {args.resume}: options differ from the run being resumed ({'; '.join(diff)})")
+    cfg.output.out = args.resume
+    if not os.path.isfile(os.path.join(args.resume, resume.FILE)):
+        raise ConfigError(f"--resume {args.resume}: no checkpoint yet (the run stopped before its first one); "
+                          "start it again instead")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = config_from_args(args)
+        cfg = config_for_resume(args) if args.resume else config_from_args(args)
         from .models.loader import check_model, num_layers
 
         cfg.validate(world_size=world)
@@ -120,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate(world_size=world, num_layers=num_layers(cfg))
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        if args.device is not None:
+            check_device(args.device)
         if not cfg.output.out:
             cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
-        if rank == 0:
+        if rank == 0 and not args.resume:
             check_output_dir(cfg.output.out, args.overwrite)
     except ConfigError as e:
         if rank == 0:
@@ -132,55 +184,105 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
+    import signal
+
     import torch
 
-    from .comm import Comm
-    from .engine import Engine, log
+    from . import resume
+    from .comm import Comm, CommError, PeerError
+    from .engine import DenoiseState, Engine, log
+    from .models import loader
+    from .output import RunWriter
     from .progress import Progress
 
     torch.set_num_threads(args.threads or 1)
-    comm = Comm.from_env(device=args.device)
-    rank = comm.rank
-    t_start = time.perf_counter()
-    engine = Engine(cfg, comm)
-    engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
-    first, last = engine.plan.layers[rank]
-    log(rank, f"layers [{first}, {last}) of {engine.plan.layers[-1][1]} on {comm.device}; "
-              f"{len(engine.plan.blocks)} blocks x {cfg.sampling.steps} steps")
-    writer = progress = None
-    if comm.is_first:
-        if args.overwrite:
-            clear_run(cfg.output.out)
-        from .output import RunWriter
-        from .models import loader
+    comm = Comm.from_env(device=args.device, timeout_s=cfg.parallel.timeout_s)
+    rank, out = comm.rank, cfg.output.out
+    stop_signal: list[int] = []
 
-        writer = RunWriter(
-            cfg.output.out,
-            vae=loader.load_vae(cfg, comm.device) if cfg.output.decode else None,
-            config=cfg.to_dict(),
-            seed=cfg.sampling.seed,
-            blocks_total=len(engine.plan.blocks),
-            frames_total=cfg.video.frames,
-            fps=cfg.video.fps,
-            gop=engine.plan.frames_of_block(len(engine.plan.blocks) - 1),
-            save_latents=cfg.output.save_latents,
-            decode=cfg.output.decode,
-            background=True,
-            queue_blocks=cfg.output.queue_blocks,
-        )
-        if cfg.output.progress:
-            progress = Progress(engine.plan)
+    def on_signal(signum, frame):
+        if stop_signal:  # a second signal: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+        if rank == 0:
+            log(0, f"{signal.Signals(signum).name}: stopping at the next iteration boundary (checkpoint, then exit)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    t_start = time.perf_counter()
+    writer = progress = None
     try:
-        stats = engine.generate(writer=writer, progress=progress)
-        if writer is not None:
-            writer.finish(complete=True)
-    except BaseException as e:
-        if writer is not None:
-            writer.finish(complete=False, reason=f"{type(e).__name__}: {e}")
-        raise
-    finally:
+        engine = Engine(cfg, comm)
+        engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
+        first, last = engine.plan.layers[rank]
+        log(rank, f"layers [{first}, {last}) of {engine.plan.layers[-1][1]} on {comm.device}; "
+                  f"{len(engine.plan.blocks)} blocks x {cfg.sampling.steps} steps")
+        state = checkpoint = None
+        if comm.is_first:
+            if args.overwrite:
+                clear_run(out)
+            vae = loader.load_vae(cfg, comm.device) if cfg.output.decode else None
+            common = dict(vae=vae, background=True, queue_blocks=cfg.output.queue_blocks,
+                          decode=cfg.output.decode, save_latents=cfg.output.save_latents)
+            state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels)
+            if args.resume:
+                meta, tensors = resume.load(out)
+                state.load_checkpoint(meta["engine"], tensors)
+                wt = {k[len("writer."):]: v for k, v in tensors.items() if k.startswith("writer.")}
+                writer = RunWriter.resume(out, state=meta["writer"], tensors=wt, **common)
+                log(0, f"resuming {out} at iteration {state.iteration} ({state.blocks_done} blocks already written)")
+            else:
+                writer = RunWriter(out, config=cfg.to_dict(), seed=cfg.sampling.seed,
+                                   blocks_total=len(engine.plan.blocks), frames_total=cfg.video.frames,
+                                   fps=cfg.video.fps, gop=engine.plan.frames_of_block(len(engine.plan.blocks) - 1),
+                                   **common)
+
+            def checkpoint(st) -> None:
+                writer.sync()
+                wmeta, wtensors = writer.writer_state()
+                emeta, etensors = st.to_checkpoint()
+                tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
+                resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict()}, tensors)
+
+            if cfg.output.progress:
+                progress = Progress(engine.plan)
+        stats = engine.generate(writer=writer, progress=progress, state=state, checkpoint=checkpoint,
+                                checkpoint_every=cfg.output.checkpoint_every, should_stop=lambda: bool(stop_signal))
         if progress is not None:
             progress.close()
+        if stats.stopped:
+            signum = stop_signal[0] if stop_signal else signal.SIGTERM
+            name = signal.Signals(signum).name
+            if writer is not None:
+                writer.finish(complete=False, reason=f"stopped by {name}; continue with --resume {out}")
+                log(0, f"stopped by {name} at iteration {state.iteration}; checkpoint saved. "
+                       f"Continue with: launch/gen.py --resume {out}")
+            try:
+                comm.close()
+            except PeerError as e:  # a peer that already left cannot take the stop message
+                log(rank, str(e))
+            return 128 + signum
+        if writer is not None:
+            writer.finish(complete=True)
+    except (PeerError, CommError, KeyboardInterrupt, Exception) as e:
+        if progress is not None:
+            progress.close()
+        reason = str(e) if isinstance(e, (PeerError, CommError)) else f"{type(e).__name__}: {e}"
+        if isinstance(e, KeyboardInterrupt):
+            reason = "interrupted"
+        if writer is not None:
+            try:
+                writer.finish(complete=False, reason=reason)
+            except Exception as we:  # the writer's own failure is already in the manifest
+                log(rank, f"output writer: {we}")
+        log(rank, f"error: {reason}" + (f"; what was written stays in {out}" if writer is not None else ""))
+        if not isinstance(e, (PeerError, CommError, KeyboardInterrupt)):
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # peers may be gone: do not wait for them in process-group teardown
     loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent)])
     comm.close()
     if rank == 0:
@@ -194,8 +296,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         for r in per_rank:
             log(0, f"rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
                    f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB")
-        write_stats(cfg.output.out, {"world_size": comm.world, "frames": frames, "total_s": total,
-                                     "loop_s": loop_s, "ranks": per_rank})
+        write_stats(out, {"world_size": comm.world, "frames": frames, "total_s": total,
+                          "loop_s": loop_s, "ranks": per_rank})
         log(0, f"done: {frames} frames in {total:.1f} s ({frames / total:.1f} frames/s end to end; "
-               f"denoising loop {loop_s:.1f} s) -> {os.path.join(cfg.output.out, 'video.mp4' if cfg.output.decode else 'latents')}")
+               f"denoising loop {loop_s:.1f} s) -> {os.path.join(out, 'video.mp4' if cfg.output.decode else 'latents')}")
     return 0

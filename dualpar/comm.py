@@ -22,6 +22,7 @@ MAX_DIMS = HEADER_LEN - 4
 KIND_PACKET = 1  # hidden states travelling forward along the layer pipeline
 KIND_PRED = 2  # noise prediction travelling back from the last rank to rank 0
 KIND_BCAST = 3
+KIND_STOP = 4  # rank 0 stopped the run at an iteration boundary: stop before this task
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]
 _CODE = {d: i for i, d in enumerate(_DTYPES)}
@@ -31,11 +32,17 @@ class CommError(RuntimeError):
     """A peer sent something other than what the schedule expects."""
 
 
+class PeerError(RuntimeError):
+    """A peer failed, vanished or stayed silent past the timeout."""
+
+
 class Comm:
     """This rank's view of the process group (a 1-rank Comm needs no process group)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu"):
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu", timeout_s: float = 120.0):
         self.rank, self.world = rank, world
+        self.timeout = timedelta(seconds=timeout_s)
+        """Longest wait for any one message while generating; past it the peer counts as failed."""
         self.device = torch.device(device)
         self._pending: deque = deque()
         self.bytes_sent = 0
@@ -43,8 +50,13 @@ class Comm:
         """Sends kept in flight before the oldest is waited for (bounds buffered memory)."""
 
     @classmethod
-    def from_env(cls, device: str | None = None, timeout_s: float = 600.0) -> "Comm":
-        """Join the process group described by torchrun's environment (or run alone)."""
+    def from_env(cls, device: str | None = None, timeout_s: float = 120.0, startup_timeout_s: float = 1800.0) -> "Comm":
+        """Join the process group described by torchrun's environment (or run alone).
+
+        Collectives at start-up (rank 0 loading and running the text encoder while
+        the others wait) may take ``startup_timeout_s``; every wait while
+        generating is bounded by ``timeout_s``.
+        """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         if device is None:
@@ -54,8 +66,8 @@ class Comm:
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-        return cls(rank, world, dev)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=startup_timeout_s))
+        return cls(rank, world, dev, timeout_s)
 
     @property
     def prev(self) -> int:
@@ -89,9 +101,36 @@ class Comm:
         t = t.contiguous().to(self.device)
         h = self._header(kind, task, t)
         msg = torch.cat([h.view(torch.uint8), t.view(-1).view(torch.uint8)])
-        self._pending.append((dist.isend(msg, dst), msg))
+        self._pending.append((self._isend(msg, dst), msg, dst))
         self.bytes_sent += msg.numel()
         self._reap()
+
+    def _isend(self, msg: torch.Tensor, dst: int):
+        try:
+            return dist.isend(msg, dst)
+        except Exception as e:  # the connection to a dead peer fails at once
+            raise self.peer_error(dst, "send", e) from None
+
+    def peer_error(self, peer: int, what: str, e: Exception) -> "PeerError":
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "imed out" in msg or "imeout" in msg:
+            return PeerError(f"rank {self.rank}: nothing from rank {peer} for {self.timeout.total_seconds():.0f} s "
+                             f"({what}); it has failed or hangs")
+        return PeerError(f"rank {self.rank}: lost rank {peer} ({what}): {msg}")
+
+    def send_stop(self, dst: int, task: int, shape, dtype: torch.dtype) -> None:
+        """Tell ``dst`` the run stops before ``task`` (sized like the message it expects)."""
+        t = torch.zeros(shape, dtype=dtype, device=self.device)
+        h = self._header(KIND_STOP, task, t)
+        msg = torch.cat([h.view(torch.uint8), t.view(-1).view(torch.uint8)])
+        self._pending.append((self._isend(msg, dst), msg, dst))
+
+    def wait(self, work, peer: int, what: str) -> None:
+        """Wait for one transfer with ``peer``, turning failure or silence into a PeerError naming it."""
+        try:
+            work.wait(self.timeout)
+        except Exception as e:  # gloo/nccl report a dead peer or a timeout as RuntimeError
+            raise self.peer_error(peer, what, e) from None
 
     def inbox(self, src: int, expected, depth: int = 2) -> "Inbox":
         """Receive, in order, the messages ``expected`` from ``src`` (see :class:`Inbox`)."""
@@ -104,14 +143,14 @@ class Comm:
         # window, so the oldest has always been received already and this never
         # blocks for long (and never deadlocks the ring).
         while len(self._pending) > self.send_window:
-            work, _ = self._pending.popleft()
-            work.wait()
+            work, _, dst = self._pending.popleft()
+            self.wait(work, dst, "send")
 
     def flush(self) -> None:
         """Wait until every queued send has completed."""
         while self._pending:
-            work, _ = self._pending.popleft()
-            work.wait()
+            work, _, dst = self._pending.popleft()
+            self.wait(work, dst, "send")
 
     # -- collectives -------------------------------------------------------
 
@@ -132,6 +171,14 @@ class Comm:
         dist.broadcast(t, src)
         return t
 
+    def broadcast_int(self, value: int | None, src: int = 0) -> int:
+        """``src``'s integer on every rank."""
+        if self.world == 1:
+            return int(value)
+        t = torch.tensor([value if self.rank == src else 0], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src)
+        return int(t.item())
+
     def gather_floats(self, values: list[float]) -> list[list[float]]:
         """All ranks' float lists on every rank (small statistics)."""
         if self.world == 1:
@@ -145,8 +192,11 @@ class Comm:
         if self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
-        self.flush()
+    def close(self, abort: bool = False) -> None:
+        """Leave the process group; ``abort`` skips waiting for sends a failed peer will never take."""
+        if not abort:
+            self.flush()
+        self._pending.clear()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -175,17 +225,24 @@ class Inbox:
             kind, task, shape, dtype = spec
             nbytes = HEADER_LEN * 8 + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self.comm.device)
-            self._posted.append((dist.irecv(buf, self.src), buf, spec))
+            try:
+                work = dist.irecv(buf, self.src)
+            except Exception as e:
+                raise self.comm.peer_error(self.src, f"receive for task {task}", e) from None
+            self._posted.append((work, buf, spec))
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> torch.Tensor | None:
+        """The next expected message's payload, or None if the sender stopped the run here."""
         if not self._posted:
             raise CommError(f"rank {self.comm.rank}: no further message expected from rank {self.src}")
         work, buf, (kind, task, shape, dtype) = self._posted.popleft()
-        work.wait()
-        self._fill()
+        self.comm.wait(work, self.src, f"waiting for task {task}")
         h = buf[: HEADER_LEN * 8].view(torch.int64).tolist()
         got_kind, got_task, code, ndim = h[:4]
         got_shape = list(h[4 : 4 + ndim])
+        if got_kind == KIND_STOP and got_task == task:
+            return None
+        self._fill()
         if (got_kind, got_task, _DTYPES[code], got_shape) != (kind, task, dtype, list(shape)):
             raise CommError(
                 f"rank {self.comm.rank}: expected from rank {self.src} message kind {kind} task {task} "

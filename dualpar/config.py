@@ -89,6 +89,8 @@ class ParallelConfig:
     """Latent frames per block (paper: 8). The first block also takes the leftover frames."""
     num_cat: int = 4
     """Context latent frames borrowed from each neighbour block (paper: 8); 0 disables context."""
+    timeout_s: float = 120.0
+    """Longest wait for a peer's message while generating; past it the run fails, naming the peer."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,6 +103,8 @@ class OutputConfig:
     """Write each finished block's latents as safetensors."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    checkpoint_every: int = 8
+    """Iterations between checkpoints of the engine state (for --resume); 0 turns them off."""
     queue_blocks: int = 8
     """Finished blocks that may wait for decoding before denoising pauses (bounds memory)."""
 
@@ -123,9 +127,15 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "Config":
+        cfg = cls()
+        cfg.update(data, source)
+        return cfg
+
+    def update(self, data: dict, source: str = "config") -> None:
+        """Set every ``section: {key: value}`` of ``data`` (type-checked)."""
+        cfg = self
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
-        cfg = cls()
         for section, values in data.items():
             if section not in _SECTIONS:
                 raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(_SECTIONS)})")
@@ -135,7 +145,16 @@ class Config:
                 raise ConfigError(f"{source}: section '{section}' must be a mapping")
             for key, value in values.items():
                 cfg.set(f"{section}.{key}", value, source)
-        return cfg
+
+    def differences(self, other: "Config", ignore: tuple[str, ...] = ()) -> list[str]:
+        """``section.key: mine -> other`` for every differing key not in ``ignore``."""
+        a, b, out = self.to_dict(), other.to_dict(), []
+        for section in a:
+            for key in a[section]:
+                name = f"{section}.{key}"
+                if name not in ignore and a[section][key] != b[section][key]:
+                    out.append(f"{name}: {a[section][key]!r} -> {b[section][key]!r}")
+        return out
 
     def set(self, dotted: str, value: Any, source: str = "override") -> None:
         """Set ``section.key`` with a type check (ints are accepted for floats)."""
@@ -204,6 +223,10 @@ class Config:
             raise ConfigError(
                 f"{world_size} ranks but the model has only {num_layers} DiT layers; use at most {num_layers} ranks"
             )
+        if not 1.0 <= p.timeout_s <= 86400.0:
+            raise ConfigError(f"parallel.timeout_s must be in [1, 86400], got {p.timeout_s}")
+        if self.output.checkpoint_every < 0:
+            raise ConfigError(f"output.checkpoint_every must be >= 0, got {self.output.checkpoint_every}")
         if not 1 <= self.output.queue_blocks <= 1024:
             raise ConfigError(f"output.queue_blocks must be in [1, 1024], got {self.output.queue_blocks}")
 
@@ -221,10 +244,11 @@ for _sec, _cls in (
         _FIELD_TYPES[(_sec, _f.name)] = {"int": int, "float": float, "str": str, "bool": bool}[_f.type]
 
 
-def load_config(path: str | None) -> Config:
-    """Read a YAML config file (or return the defaults when ``path`` is None)."""
+def load_config(path: str | None, base: Config | None = None) -> Config:
+    """Read a YAML config file over ``base`` (default: the defaults); no file: ``base``."""
+    cfg = base if base is not None else Config()
     if path is None:
-        return Config()
+        return cfg
     p = Path(path)
     try:
         text = p.read_text()
@@ -234,4 +258,5 @@ def load_config(path: str | None) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-    return Config.from_dict(data or {}, source=str(path))
+    cfg.update(data or {}, source=str(path))
+    return cfg

@@ -43,6 +43,8 @@ class RunStats:
     """Time spent blocked on receives."""
     tasks: int = 0
     bytes_sent: int = 0
+    stopped: bool = False
+    """The run stopped early at an iteration boundary (a checkpoint was taken)."""
     peak_live_blocks: int = 0
     """Most block latents rank 0 held at once (queued blocks + context tail): bounded by ``steps + 1``."""
     blocks: list[torch.Tensor] = field(default_factory=list)
@@ -118,27 +120,39 @@ class Engine:
     # -- the loop --------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, writer=None, progress=None, keep_latents: bool = False) -> RunStats:
-        """Run every task of the plan; rank 0 hands finished blocks to ``writer``."""
-        if self.comm.is_first:
-            return self._run_first(writer, progress, keep_latents)
-        return self._run_other()
+    def generate(self, writer=None, progress=None, keep_latents: bool = False, *, state: "DenoiseState | None" = None,
+                 checkpoint=None, checkpoint_every: int = 0, should_stop=None) -> RunStats:
+        """Run the plan's tasks from ``state.iteration`` (rank 0 passes the state; 0 = fresh).
 
-    def _run_other(self) -> RunStats:
+        Rank 0 hands finished blocks to ``writer``. Every ``checkpoint_every``
+        iterations, and when ``should_stop()`` turns true, rank 0 lets the ring
+        drain at the iteration boundary and calls ``checkpoint(state)``; on a stop
+        it then tells the other ranks to stop at the same boundary.
+        """
+        if self.comm.is_first:
+            state = state or DenoiseState(self.cfg, self.plan, self.stage.model.out_channels)
+            self.comm.broadcast_int(state.iteration)
+            return self._run_first(state, writer, progress, keep_latents, checkpoint, checkpoint_every, should_stop)
+        return self._run_other(self.comm.broadcast_int(None))
+
+    def _run_other(self, start_iteration: int) -> RunStats:
         comm, plan, st = self.comm, self.plan, RunStats()
         self.stage.cache.clear()
         model = self.stage.model
-        inbox = comm.inbox(
-            comm.prev,
-            ((KIND_PACKET, t.index, plan.packet_shape(t, model.dim), model.dtype) for t in plan.tasks),
-        )
+        tasks = [t for t in plan.tasks if t.iteration >= start_iteration]
+        inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, plan.packet_shape(t, model.dim), model.dtype) for t in tasks))
         t0 = time.perf_counter()
-        for task in plan.tasks:
+        for task in tasks:
             shape = plan.shape(task)
             tw = time.perf_counter()
             packet = inbox.next()
             tc = time.perf_counter()
             st.wait_s += tc - tw
+            if packet is None:  # rank 0 stopped the run at this iteration boundary
+                if not comm.is_last:
+                    comm.send_stop(comm.next, task.index, plan.packet_shape(task, model.dim), model.dtype)
+                st.stopped = True
+                break
             packet = self.stage.run(packet, task, shape)
             if comm.is_last:
                 out = self.stage.model.head(packet, shape, self.cfg.sampling.guidance)
@@ -153,52 +167,35 @@ class Engine:
         st.bytes_sent = comm.bytes_sent
         return st
 
-    def _run_first(self, writer, progress, keep_latents) -> RunStats:
+    def _run_first(self, state, writer, progress, keep_latents, checkpoint, checkpoint_every, should_stop) -> RunStats:
         cfg, comm, plan, st = self.cfg, self.comm, self.plan, RunStats()
         model = self.stage.model
-        num_cat = cfg.parallel.num_cat
-        template = loader.make_scheduler(cfg)
-        timesteps = template.timesteps
-        noise = NoisePool(
-            block=cfg.parallel.block,
-            num_cat=num_cat,
-            channels=model.out_channels,
-            height=plan.lat_h,
-            width=plan.lat_w,
-            seed=cfg.sampling.seed,
-        )
-        latents: dict[int, torch.Tensor] = {}
-        scheds: dict[int, object] = {}
-        tails: dict[int, torch.Tensor] = {}  # last num_cat frames of finished blocks
-        applied = -1
+        tasks = [t for t in plan.tasks if t.iteration >= state.iteration]
+        base = tasks[0].index if tasks else len(plan.tasks)
+        applied = base - 1  # everything before the start iteration is in `state`
         self.stage.cache.clear()
         inbox = None
         if comm.world > 1:
             inbox = comm.inbox(
                 comm.world - 1,
-                ((KIND_PRED, t.index, plan.pred_shape(t, model.out_channels), torch.float32) for t in plan.tasks),
+                ((KIND_PRED, t.index, plan.pred_shape(t, model.out_channels), torch.float32) for t in tasks),
             )
+        if progress is not None:
+            progress.resume_from(base, state.blocks_done, sum(plan.frames_of_block(b) for b in range(state.blocks_done)))
 
         def apply(task: sch.Task, pred: torch.Tensor) -> None:
-            b = task.block
-            latents[b] = scheds[b].step(pred, timesteps[task.step], latents[b], return_dict=False)[0]
-            if task.last_step:
-                done = latents.pop(b)
-                del scheds[b]
-                tails[b] = done[:, :, done.shape[2] - num_cat :]
-                tails.pop(b - 1, None)  # no block needs it any more
+            done = state.apply(task, pred)
+            if done is not None:
                 if writer is not None:
-                    writer.add_block(b, done)
+                    writer.add_block(task.block, done)
                 if keep_latents:
                     st.blocks.append(done)
                 if progress is not None:
-                    progress.block_done(b, plan.frames_of_block(b))
+                    progress.block_done(task.block, plan.frames_of_block(task.block))
 
-        t0 = time.perf_counter()
-        for task in plan.tasks:
-            shape = plan.shape(task)
-            # Wait for the results this input depends on, and keep the ring's load bounded.
-            while applied < max(task.needs, task.index - self.in_flight):
+        def drain(upto: int) -> None:
+            nonlocal applied
+            while applied < upto:
                 nxt = plan.tasks[applied + 1]
                 tw = time.perf_counter()
                 pred = inbox.next()
@@ -207,18 +204,28 @@ class Engine:
                 apply(nxt, pred)
                 st.compute_s += time.perf_counter() - tc
                 applied += 1
+
+        t0 = time.perf_counter()
+        for task in tasks:
+            boundary = task.index > base and task.iteration != plan.tasks[task.index - 1].iteration
+            stop = boundary and should_stop is not None and should_stop()
+            if boundary and (stop or (checkpoint_every and task.iteration % checkpoint_every == 0)):
+                drain(task.index - 1)  # the iteration is complete on rank 0
+                state.iteration = task.iteration
+                if checkpoint is not None:
+                    checkpoint(state)
+                if stop:
+                    if comm.world > 1:
+                        comm.send_stop(comm.next, task.index, plan.packet_shape(task, model.dim), model.dtype)
+                    st.stopped = True
+                    break
+            shape = plan.shape(task)
+            # Wait for the results this input depends on, and keep the ring's load bounded.
+            drain(max(task.needs, task.index - self.in_flight))
             tc = time.perf_counter()
-            b = task.block
-            if task.step == 0:
-                latents[b] = noise.next_block(plan.blocks[b].frames)
-                scheds[b] = copy.deepcopy(template)
-            x = latents[b]
-            if shape.context:
-                older = latents.get(task.older)
-                older = older if older is not None else tails[task.older]
-                x = torch.cat([older[:, :, older.shape[2] - shape.context :], x], dim=2)
-            st.peak_live_blocks = max(st.peak_live_blocks, len(latents) + len(tails))
-            packet = model.embed(x, timesteps[task.step], plan.batch)
+            x = state.input(task, shape.context)
+            st.peak_live_blocks = max(st.peak_live_blocks, state.live_blocks())
+            packet = model.embed(x, state.timesteps[task.step], plan.batch)
             packet = self.stage.run(packet, task, shape)
             if comm.world == 1:
                 pred = model.head(packet, shape, cfg.sampling.guidance)
@@ -230,16 +237,94 @@ class Engine:
             st.tasks += 1
             if progress is not None:
                 progress.task_done(task)
-        while applied < len(plan.tasks) - 1:
-            nxt = plan.tasks[applied + 1]
-            tw = time.perf_counter()
-            pred = inbox.next()
-            tc = time.perf_counter()
-            st.wait_s += tc - tw
-            apply(nxt, pred)
-            st.compute_s += time.perf_counter() - tc
-            applied += 1
+        if not st.stopped:
+            drain(len(plan.tasks) - 1)
+            state.iteration = plan.tasks[-1].iteration + 1
         comm.flush()
         st.wall_s = time.perf_counter() - t0
         st.bytes_sent = comm.bytes_sent
         return st
+
+
+class DenoiseState:
+    """Rank 0's state between tasks, and all a checkpoint needs to continue a run.
+
+    ``iteration`` is the next iteration to run; in-flight blocks' latents and
+    scheduler states, the finished block whose tail is still context, and the
+    noise pool (with its generator) are the rest.
+    """
+
+    def __init__(self, cfg: Config, plan: Plan, channels: int):
+        self.plan = plan
+        self.num_cat = cfg.parallel.num_cat
+        self.template = loader.make_scheduler(cfg)
+        self.timesteps = self.template.timesteps
+        self.noise = NoisePool(block=cfg.parallel.block, num_cat=cfg.parallel.num_cat, channels=channels,
+                               height=plan.lat_h, width=plan.lat_w, seed=cfg.sampling.seed)
+        self.iteration = 0
+        self.blocks_done = 0
+        self.latents: dict[int, torch.Tensor] = {}
+        self.scheds: dict[int, object] = {}
+        self.tails: dict[int, torch.Tensor] = {}  # last num_cat frames of the latest finished block
+
+    def live_blocks(self) -> int:
+        return len(self.latents) + len(self.tails)
+
+    def input(self, task: sch.Task, context: int) -> torch.Tensor:
+        """The task's input latents: the older neighbour's last ``context`` frames, then the block's own."""
+        b = task.block
+        if task.step == 0:
+            self.latents[b] = self.noise.next_block(self.plan.blocks[b].frames)
+            self.scheds[b] = copy.deepcopy(self.template)
+        x = self.latents[b]
+        if context:
+            older = self.latents.get(task.older)
+            older = older if older is not None else self.tails[task.older]
+            x = torch.cat([older[:, :, older.shape[2] - context :], x], dim=2)
+        return x
+
+    def apply(self, task: sch.Task, pred: torch.Tensor) -> torch.Tensor | None:
+        """Scheduler step for the task's block; returns its latents if it is now clean."""
+        b = task.block
+        self.latents[b] = self.scheds[b].step(pred, self.timesteps[task.step], self.latents[b], return_dict=False)[0]
+        if not task.last_step:
+            return None
+        done = self.latents.pop(b)
+        del self.scheds[b]
+        self.tails[b] = done[:, :, done.shape[2] - self.num_cat :]
+        self.tails.pop(b - 1, None)  # no block needs it any more
+        self.blocks_done += 1
+        return done
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def to_checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        from .resume import pack, scheduler_state
+
+        tensors: dict[str, torch.Tensor] = {}
+        meta = {
+            "iteration": self.iteration,
+            "blocks_done": self.blocks_done,
+            "latents": pack({str(k): v for k, v in self.latents.items()}, "latents", tensors),
+            "tails": pack({str(k): v for k, v in self.tails.items()}, "tails", tensors),
+            "scheds": pack({str(k): scheduler_state(v) for k, v in self.scheds.items()}, "sched", tensors),
+            "noise_pool": pack(self.noise.pool, "noise.pool", tensors),
+            "noise_gen": pack(self.noise.gen.get_state(), "noise.gen", tensors),
+        }
+        return meta, tensors
+
+    def load_checkpoint(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        from .resume import unpack
+
+        self.iteration = meta["iteration"]
+        self.blocks_done = meta["blocks_done"]
+        self.latents = {int(k): v for k, v in unpack(meta["latents"], tensors).items()}
+        self.tails = {int(k): v for k, v in unpack(meta["tails"], tensors).items()}
+        self.scheds = {}
+        for k, attrs in unpack(meta["scheds"], tensors).items():
+            s = copy.deepcopy(self.template)
+            for name, value in attrs.items():
+                setattr(s, name, value)
+            self.scheds[int(k)] = s
+        self.noise.pool = unpack(meta["noise_pool"], tensors)
+        self.noise.gen.set_state(unpack(meta["noise_gen"], tensors))

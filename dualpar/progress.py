@@ -22,6 +22,12 @@ class Progress:
             smoothing=0.1,
         )
 
+    def resume_from(self, tasks_done: int, blocks_done: int, frames_done: int) -> None:
+        """Start the bar where a resumed run picks up."""
+        self.blocks_done, self.frames_done = blocks_done, frames_done
+        if tasks_done:
+            self.bar.update(tasks_done)
+
     def task_done(self, task) -> None:
         self.iteration = task.iteration
         self.bar.update(1)
