@@ -36,6 +36,28 @@ class PeerError(RuntimeError):
     """A peer failed, vanished or stayed silent past the timeout."""
 
 
+def _gloo_on_loopback_when_local() -> None:
+    """Keep gloo's sockets on the loopback interface for a single-machine run.
+
+    Gloo otherwise binds to the address the host name resolves to, which may be
+    reachable from the network. A user who sets GLOO_SOCKET_IFNAME (or runs
+    across machines, with a non-loopback MASTER_ADDR) keeps full control.
+    """
+    import ipaddress
+    import socket
+
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    addr = os.environ.get("MASTER_ADDR", "localhost")
+    try:
+        local = addr == "localhost" or ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        local = False
+    names = [n for _, n in socket.if_nameindex()]
+    if local and "lo" in names:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
 class Comm:
     """This rank's view of the process group (a 1-rank Comm needs no process group)."""
 
@@ -66,6 +88,8 @@ class Comm:
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
+            if backend == "gloo":
+                _gloo_on_loopback_when_local()
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=startup_timeout_s))
         return cls(rank, world, dev, timeout_s)
 
