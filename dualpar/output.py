@@ -17,6 +17,7 @@ was already written.
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import os
 import queue
@@ -30,7 +31,7 @@ from typing import Any
 import av
 import numpy as np
 import torch
-from av.video.frame import PictureType
+from av.codec.context import Flags
 from safetensors.torch import save as save_safetensors
 
 __all__ = [
@@ -93,6 +94,46 @@ class StreamingDecoder:
         self.vae.clear_cache()
         self._feat_map = self.vae._feat_map
         self.latent_frames_done = 0
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Position and temporal cache, as JSON-able metadata and named CPU tensors, for :meth:`load_state`.
+
+        The cache (``_feat_map``) holds one entry per causal conv of the decoder: ``None``
+        (not run yet), ``"Rep"`` (an upsampling conv after only the first latent frame) or
+        the tensor of its last input frames. The tensors are not copied when already on
+        the CPU, which is safe because the decoder replaces cache entries, never updates them.
+        """
+        layout, tensors = [], {}
+        for i, entry in enumerate(self._feat_map):
+            if isinstance(entry, torch.Tensor):
+                tensors[f"feat_map.{i}"] = entry.detach().cpu().contiguous()
+                layout.append("tensor")
+            elif entry is None or entry == "Rep":
+                layout.append(entry)
+            else:
+                raise TypeError(f"cannot save VAE cache entry {i} of type {type(entry).__name__}")
+        # first_chunk (the decoder's causal start) is latent_frames_done == 0
+        return {"latent_frames_done": self.latent_frames_done, "feat_map": layout}, tensors
+
+    def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue decoding where the decoder that returned ``state()`` stopped."""
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        self.reset()
+        if len(meta["feat_map"]) != len(self._feat_map):
+            raise ValueError(f"the saved VAE cache has {len(meta['feat_map'])} entries, this VAE's decoder "
+                             f"{len(self._feat_map)}: it was saved with another VAE")
+        device = get_module_execution_device(self.vae)
+        for i, kind in enumerate(meta["feat_map"]):
+            if kind == "tensor":
+                if f"feat_map.{i}" not in tensors:
+                    raise ValueError(f"the saved VAE cache lacks tensor 'feat_map.{i}'")
+                self._feat_map[i] = tensors[f"feat_map.{i}"].to(device)
+            elif kind is None or kind == "Rep":
+                self._feat_map[i] = kind
+            else:
+                raise ValueError(f"unknown VAE cache entry {kind!r}")
+        self.latent_frames_done = meta["latent_frames_done"]
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the latent normalization exactly as diffusers' ``WanPipeline`` does before decoding."""
@@ -173,21 +214,26 @@ def _full_box(kind: bytes, version: int, flags: int, *payload: bytes) -> bytes:
     return _box(kind, struct.pack(">I", (version << 24) | flags), *payload)
 
 
-def _box_types(data: bytes) -> list[bytes]:
-    """Types of the top-level boxes in ``data``; raises if the last box is truncated."""
-    types, pos = [], 0
-    while pos < len(data):
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        if size < 8 or pos + size > len(data):
+def _boxes(f, end: int) -> list[tuple[bytes, int]]:
+    """``(type, offset)`` of the top-level boxes in the first ``end`` bytes of file ``f``.
+
+    Raises unless the boxes end exactly at ``end`` (e.g. a fragment cut off by a crash).
+    """
+    boxes, pos = [], 0
+    while pos < end:
+        f.seek(pos)
+        header = f.read(8)
+        size, kind = struct.unpack(">I4s", header) if len(header) == 8 else (0, header)
+        if size < 8 or pos + size > end:
             raise RuntimeError(f"truncated or unsupported mp4 box {kind!r} at offset {pos}")
-        types.append(kind)
+        boxes.append((kind, pos))
         pos += size
-    return types
+    return boxes
 
 
-def _annexb_to_length_prefixed(data: bytes) -> bytes:
-    """Convert an Annex-B H.264 access unit (start codes) to MP4 sample format (4-byte NAL lengths)."""
-    out = bytearray()
+def _annexb_nals(data: bytes) -> list[bytes]:
+    """The NAL units of Annex-B H.264 data (NALs separated by start codes)."""
+    nals = []
     pos = data.find(b"\x00\x00\x01")
     while pos != -1:
         start = pos + 3
@@ -195,16 +241,40 @@ def _annexb_to_length_prefixed(data: bytes) -> bytes:
         nal = data[start : len(data) if nxt == -1 else nxt]
         nal = nal.rstrip(b"\x00")  # leading byte of a 4-byte start code / trailing zero words
         if nal:
-            out += struct.pack(">I", len(nal)) + nal
+            nals.append(nal)
         pos = nxt
-    return bytes(out)
+    return nals
+
+
+def _annexb_to_length_prefixed(data: bytes) -> bytes:
+    """Convert an Annex-B H.264 access unit (start codes) to MP4 sample format (4-byte NAL lengths)."""
+    return b"".join(struct.pack(">I", len(nal)) + nal for nal in _annexb_nals(data))
+
+
+def _avcc_parameter_sets(init_segment: bytes) -> list[bytes]:
+    """The SPS and PPS NAL units stored in the ``avcC`` box of an init segment."""
+    pos = init_segment.find(b"avcC") - 4
+    if pos < 0:
+        raise RuntimeError("no avcC box in the mp4 init segment")
+    (size,) = struct.unpack_from(">I", init_segment, pos)
+    avcc = init_segment[pos + 8 : pos + size]
+    nals, p = [], 5  # after version, profile, compatibility, level, NAL length size
+    for count_mask in (0x1F, 0xFF):  # SPS count (3 reserved bits above it), then PPS count
+        count = avcc[p] & count_mask
+        p += 1
+        for _ in range(count):
+            (n,) = struct.unpack_from(">H", avcc, p)
+            nals.append(avcc[p + 2 : p + 2 + n])
+            p += 2 + n
+    return nals
 
 
 class Mp4Writer:
     """Append RGB frames to an H.264 fragmented MP4 that stays playable if the process dies.
 
     Every :meth:`write` call becomes one MP4 fragment (``moof`` + ``mdat``) starting with
-    an IDR frame, written, flushed and fsynced before ``write`` returns.
+    an IDR frame, written, flushed and fsynced before ``write`` returns. :meth:`state`
+    and :meth:`reopen` let a later process continue the file exactly where it stopped.
 
     Why the fragments are framed here rather than by FFmpeg's mp4 muxer: the muxer keeps
     the current fragment in memory until the *next* keyframe packet arrives (or until
@@ -213,6 +283,15 @@ class Mp4Writer:
     starts. PyAV's muxer still writes the file header (``ftyp`` + empty ``moov`` with the
     ``avcC`` sample entry), and libx264 runs with ``tune=zerolatency`` (no B-frames, no
     lookahead, sliced threads) so each frame's packet comes out as soon as it is sent.
+
+    Why every fragment gets its own, freshly opened encoder: x264's rate control carries
+    history across IDR frames, so an encoder opened after a restart would not reproduce
+    what the original encoder would have written (different quantizers, different
+    pixels). With one encoder per fragment a fragment's bytes depend only on its frames
+    and position, which makes a resumed file byte-identical to an uninterrupted one.
+    Opening costs about a millisecond; each fragment repeats x264's version SEI (~700 B).
+    All encoders must produce the SPS/PPS of the ``avcC`` in the file header; this is
+    checked for every one.
     """
 
     _TRACK_ID = 1  # the only track of the header written by the mp4 muxer
@@ -228,25 +307,11 @@ class Mp4Writer:
         crf: int = 18,
         preset: str = "medium",
     ) -> None:
-        if width <= 0 or height <= 0 or width % 2 or height % 2:
-            raise ValueError(f"H.264 yuv420p needs positive even width and height, got {width}x{height}")
-        self.path = Path(path)
-        self.width, self.height = width, height
-        self.fps = Fraction(fps)
-        self.frames_written = 0
-        self.bytes_written = 0  # file size; a prefix of this length holds exactly frames_written frames
-        self._closed = False
-        self._sequence = 0  # moof sequence number of the last fragment
-
-        # One tick of the encoder time base is one frame; the track timescale is chosen so
-        # that a frame lasts a whole number of ticks.
-        self._timescale = self.fps.numerator * 1000
-        self._frame_ticks = self._timescale * self.fps.denominator // self.fps.numerator
-
+        self._setup(path, width, height, fps, gop, crf, preset)
         # The muxer only produces the init segment; its output never goes to disk directly.
-        self._header_buf = _Sink()
-        self._container = av.open(
-            self._header_buf,
+        header_buf = _Sink()
+        container = av.open(
+            header_buf,
             "w",
             format="mp4",
             options={
@@ -254,25 +319,110 @@ class Mp4Writer:
                 "video_track_timescale": str(self._timescale),
             },
         )
-        self._stream = self._container.add_stream("libx264", rate=self.fps)
-        ctx = self._stream.codec_context
-        ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
-        ctx.time_base = 1 / self.fps
-        if gop:
-            ctx.gop_size = gop
-        ctx.options = {
-            "preset": preset,
-            "crf": str(crf),
-            "tune": "zerolatency",  # bframes=0, rc/sync lookahead 0: one packet out per frame in
-            "forced-idr": "1",  # a forced keyframe (start of each write) is an IDR
-        }
-        self._container.start_encoding()
-        init_segment = self._header_buf.take()
-        if _box_types(init_segment) != [b"ftyp", b"moov"]:  # e.g. header still buffered in the muxer's IO
+        self._configure(container.add_stream("libx264", rate=self.fps).codec_context)
+        container.start_encoding()
+        init_segment = header_buf.take()
+        container.close()  # writes a trailer into header_buf, which is dropped
+        if [kind for kind, _ in _boxes(io.BytesIO(init_segment), len(init_segment))] != [b"ftyp", b"moov"]:
+            # e.g. header still buffered in the muxer's IO
             raise RuntimeError("the mp4 muxer did not produce a complete ftyp+moov init segment")
+        self._parameter_sets = _avcc_parameter_sets(init_segment)
 
         self._file = open(self.path, "wb")
         self._append(init_segment)
+
+    @classmethod
+    def reopen(cls, path: str | os.PathLike, state: dict) -> Mp4Writer:
+        """Continue the file ``path`` from a :meth:`state` of the writer that wrote it.
+
+        Anything written after that state (whole or partial fragments) is cut off; the
+        next :meth:`write` continues the frame count, decode timestamps and fragment
+        sequence numbers. The file is checked first (size, box structure, and that this
+        x264 produces the SPS/PPS of its header); on failure it is left untouched.
+        """
+        self = cls.__new__(cls)
+        self._setup(path, state["width"], state["height"], Fraction(*state["fps"]), state["gop"], state["crf"],
+                    state["preset"])
+        size, end = self.path.stat().st_size, state["bytes_written"]
+        if end > size:
+            raise ValueError(f"{self.path} has {size} bytes but the writer state expects at least {end}; "
+                             "the state does not belong to this file, or the file was truncated")
+        with open(self.path, "rb") as f:
+            try:
+                boxes = _boxes(f, end)
+            except RuntimeError as e:
+                raise ValueError(f"{self.path}: its first {end} bytes are not whole mp4 boxes ({e})") from None
+            types = [kind for kind, _ in boxes]
+            if types != [b"ftyp", b"moov"] + [b"moof", b"mdat"] * state["sequence"]:
+                raise ValueError(f"{self.path}: expected an init segment and {state['sequence']} fragments in the "
+                                 f"first {end} bytes, found boxes {b' '.join(types).decode(errors='replace')}")
+            f.seek(0)
+            init_segment = f.read(boxes[2][1] if len(boxes) > 2 else end)
+        self._parameter_sets = _avcc_parameter_sets(init_segment)
+        self._encoder()  # raises now, not at the next write, if this x264 would write other SPS/PPS
+
+        self._file = open(self.path, "r+b")
+        self._file.truncate(end)
+        self._file.seek(end)
+        os.fsync(self._file.fileno())
+        self.frames_written, self.bytes_written, self._sequence = state["frames_written"], end, state["sequence"]
+        return self
+
+    def state(self) -> dict:
+        """JSON-able settings and position of this writer, for :meth:`reopen`."""
+        return {
+            "width": self.width,
+            "height": self.height,
+            "fps": [self.fps.numerator, self.fps.denominator],
+            "gop": self.gop,
+            "crf": self.crf,
+            "preset": self.preset,
+            "frames_written": self.frames_written,
+            "sequence": self._sequence,
+            "bytes_written": self.bytes_written,
+        }
+
+    def _setup(self, path, width, height, fps, gop, crf, preset) -> None:
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"H.264 yuv420p needs positive even width and height, got {width}x{height}")
+        self.path = Path(path)
+        self.width, self.height = width, height
+        self.fps = Fraction(fps)
+        self.gop, self.crf, self.preset = gop, crf, preset
+        self.frames_written = 0
+        self.bytes_written = 0  # file size; a prefix of this length holds exactly frames_written frames
+        self._closed = False
+        self._sequence = 0  # moof sequence number of the last fragment
+        # One tick of the encoder time base is one frame; the track timescale is chosen so
+        # that a frame lasts a whole number of ticks.
+        self._timescale = self.fps.numerator * 1000
+        self._frame_ticks = self._timescale * self.fps.denominator // self.fps.numerator
+
+    def _configure(self, ctx) -> None:
+        """Apply this writer's encoder settings to a libx264 codec context (header's or fragment's)."""
+        ctx.width, ctx.height, ctx.pix_fmt = self.width, self.height, "yuv420p"
+        ctx.time_base = 1 / self.fps
+        ctx.framerate = self.fps
+        ctx.flags |= Flags.global_header  # SPS/PPS only in the avcC, as the mp4 muxer requests
+        if self.gop:
+            ctx.gop_size = self.gop
+        ctx.options = {
+            "preset": self.preset,
+            "crf": str(self.crf),
+            "tune": "zerolatency",  # bframes=0, rc/sync lookahead 0: one packet out per frame in
+        }
+
+    def _encoder(self):
+        """A freshly opened encoder for one fragment, checked against the file header's SPS/PPS."""
+        ctx = av.CodecContext.create("libx264", "w")
+        self._configure(ctx)
+        ctx.open()
+        if _annexb_nals(ctx.extradata or b"") != self._parameter_sets:
+            raise RuntimeError(
+                f"libx264 produces other stream parameters (SPS/PPS) than the header of {self.path} holds "
+                "(different frame size, encoder settings or x264 build?); cannot append to this file"
+            )
+        return ctx
 
     def write(self, frames: np.ndarray) -> int:
         """Encode uint8 RGB frames ``[F, H, W, 3]`` as one durable fragment; return ``F``."""
@@ -285,19 +435,17 @@ class Mp4Writer:
             )
         if len(frames) == 0:
             return 0
+        encoder = self._encoder()
         packets = []
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
-            frame.pts = self.frames_written + i
-            frame.time_base = self._stream.codec_context.time_base
-            if i == 0:
-                frame.pict_type = PictureType.I  # every fragment starts decodable on its own
-            packets += self._stream.encode(frame)
-        if len(packets) != len(frames):
-            raise RuntimeError(
-                f"x264 returned {len(packets)} packets for {len(frames)} frames; "
-                "the encoder is buffering, so the fragment would be incomplete"
-            )
+            frame.pts = self.frames_written + i  # absolute, so decode timestamps continue the file's
+            frame.time_base = encoder.time_base
+            packets += encoder.encode(frame)
+        packets += encoder.encode(None)  # this fragment's encoder ends here
+        if len(packets) != len(frames) or not packets[0].is_keyframe:
+            raise RuntimeError(f"x264 returned {len(packets)} packets for {len(frames)} frames "
+                               "or did not start with a keyframe; the fragment would not decode on its own")
         self._append(self._fragment(packets))
         self.frames_written += len(frames)
         return len(frames)
@@ -341,17 +489,9 @@ class Mp4Writer:
         self.bytes_written += len(data)
 
     def close(self) -> None:
-        """Drain the encoder, write any remaining frames and close the file."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            packets = self._stream.encode(None)
-            if packets:  # not expected with zerolatency, but never drop frames
-                self._append(self._fragment(packets))
-                self.frames_written += len(packets)
-            self._container.close()
-        finally:
+        """Close the file (every written fragment is already complete on disk)."""
+        if not self._closed:
+            self._closed = True
             self._file.close()
 
     def __enter__(self) -> Mp4Writer:
@@ -446,8 +586,12 @@ class RunWriter:
     With ``background=True`` saving, decoding and writing run on one worker thread fed by
     a bounded queue of ``queue_blocks`` latent blocks (the producer blocks while it is full). A failure
     while writing a block, on either thread, finishes the run as "incomplete" and is
-    raised by that ``add_block`` (synchronous) or by the next ``add_block``/``finish``
+    raised by that ``add_block`` (synchronous) or by the next ``add_block``/``sync``/``finish``
     (background).
+
+    Resuming: before each engine checkpoint call :meth:`writer_state` (it syncs) and store
+    its result with the checkpoint; after a restart :meth:`resume` reopens the directory
+    at that point and the engine adds the following blocks again.
     """
 
     MANIFEST = "manifest.json"
@@ -469,24 +613,10 @@ class RunWriter:
         background: bool = False,
         queue_blocks: int = 2,
     ) -> None:
-        if decode and vae is None:
-            raise ValueError("decode=True needs a vae")
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.out_dir = out_dir.resolve()
+        self._setup(Path(out_dir), vae, decode=decode, save_latents=save_latents, fps=fps, gop=gop)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         if (self.out_dir / self.MANIFEST).exists():
             raise FileExistsError(f"{self.out_dir} already holds a run")
-        self.decode = decode
-        self.save_latents = save_latents
-        self.fps = fps
-        self.gop = gop
-        self._decoder = StreamingDecoder(vae) if decode else None
-        self._mp4: Mp4Writer | None = None
-        self._temporal = (vae.config.scale_factor_temporal if vae is not None else None) or 4
-        self._next_block = 0  # producer side
-        self._latent_frames_accepted = 0  # producer side
-        self._finished = False
-        self._error: BaseException | None = None
         # Updated by whichever thread writes blocks; read it after finish() in background mode.
         self.manifest: dict[str, Any] = {
             "config": config,
@@ -505,11 +635,115 @@ class RunWriter:
             "created_at": _now(),
             "updated_at": _now(),
             "finished_at": None,
+            "resumed": [],  # one entry per RunWriter.resume
         }
         self._write_manifest()
+        self._start(background, queue_blocks)
 
+    @classmethod
+    def resume(
+        cls,
+        out_dir: str | os.PathLike,
+        *,
+        vae=None,
+        state: dict,
+        tensors: dict[str, torch.Tensor],
+        background: bool = False,
+        queue_blocks: int = 2,
+        decode: bool = True,
+        save_latents: bool = True,
+    ) -> RunWriter:
+        """Continue the run in ``out_dir`` from a :meth:`writer_state` ``(state, tensors)`` taken earlier.
+
+        Blocks written after that state are discarded (from the video, the manifest and
+        ``latents/``): the engine, resuming from the same checkpoint, adds them again,
+        starting with block ``state["blocks_written"]``, and the output ends up as an
+        uninterrupted run's. Everything is checked before the directory is touched.
+        """
+        out_dir = Path(out_dir).resolve()
+        manifest_path = out_dir / cls.MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{out_dir} holds no run to resume (no {cls.MANIFEST})")
+        m = json.loads(manifest_path.read_text())
+        n = state["blocks_written"]
+        kept = m["blocks"][:n]
+        if decode != (m["video"] is not None):
+            raise ValueError(f"the run in {out_dir} was written with decode={m['video'] is not None}")
+        if n > len(m["blocks"]) or sum(b["latent_frames"] for b in kept) != state["latent_frames_written"]:
+            raise ValueError(f"the writer state ({n} blocks, {state['latent_frames_written']} latent frames) does "
+                             f"not match the manifest of {out_dir} ({m['blocks_written']} blocks); "
+                             "is it from another run?")
+        mp4_state = state["mp4"] if decode else None
+        if decode and (mp4_state is None) != (n == 0):
+            raise ValueError("the writer state has no video position although blocks were written")
+        if mp4_state is not None and mp4_state["bytes_written"] != state["video_bytes"]:
+            raise ValueError("inconsistent writer state: video_bytes differs from the mp4 writer's bytes_written")
+
+        self = cls.__new__(cls)
+        self._setup(out_dir, vae, decode=decode, save_latents=save_latents, fps=m["fps"], gop=state["gop"])
+        self._next_block = n
+        self._latent_frames_accepted = state["latent_frames_written"]
+        if decode:
+            prefix = "decoder."
+            self._decoder.load_state(
+                state["decoder"], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            )
+            if self._decoder.latent_frames_done != state["latent_frames_written"]:
+                raise ValueError("inconsistent writer state: decoder position differs from latent_frames_written")
+        video = safe_join(out_dir, cls.VIDEO)
+        if mp4_state is not None:
+            # Checks the file, then cuts it back to the state. (A crash right after this,
+            # before the manifest below is written, leaves a manifest claiming more video
+            # than there is; resuming again from the same state repairs it.)
+            self._mp4 = Mp4Writer.reopen(video, mp4_state)
+
+        m.update(
+            status="running",
+            reason=None,
+            finished_at=None,
+            blocks=kept,
+            blocks_written=n,
+            frames_written=state["frames_written"],
+            latent_frames_written=state["latent_frames_written"],
+            video_bytes=state["video_bytes"],
+            updated_at=_now(),
+        )
+        m.setdefault("resumed", []).append({"at": _now(), "blocks_written": n})
+        self.manifest = m
+        self._write_manifest()
+
+        # Only now (the manifest no longer lists them) remove what the dropped blocks left.
+        if decode and mp4_state is None:
+            video.unlink(missing_ok=True)  # a fresh video starts with the first block
+        latents_dir = out_dir / "latents"
+        for path in latents_dir.glob("block_*.safetensors"):
+            if int(path.name[len("block_") : -len(".safetensors")]) >= n:
+                path.unlink()
+        for path in [*latents_dir.glob(".block_*.tmp"), *out_dir.glob(f".{cls.MANIFEST}.*.tmp")]:
+            path.unlink()  # left by atomic_write when the process died mid-write
+        self._start(background, queue_blocks)
+        return self
+
+    def _setup(self, out_dir: Path, vae, *, decode: bool, save_latents: bool, fps: int, gop: int | None) -> None:
+        """State shared by a new and a resumed writer (no files touched)."""
+        if decode and vae is None:
+            raise ValueError("decode=True needs a vae")
+        self.out_dir = out_dir.resolve()
+        self.decode = decode
+        self.save_latents = save_latents
+        self.fps = fps
+        self.gop = gop
+        self._decoder = StreamingDecoder(vae) if decode else None
+        self._mp4: Mp4Writer | None = None
+        self._temporal = (vae.config.scale_factor_temporal if vae is not None else None) or 4
+        self._next_block = 0  # producer side
+        self._latent_frames_accepted = 0  # producer side
+        self._finished = False
+        self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._worker: threading.Thread | None = None
+
+    def _start(self, background: bool, queue_blocks: int) -> None:
         if background:
             self._queue = queue.Queue(maxsize=max(1, queue_blocks))
             self._worker = threading.Thread(target=self._work, name="RunWriter", daemon=True)
@@ -547,6 +781,35 @@ class RunWriter:
             # Copy: the caller may reuse its buffer while the block waits in the queue.
             self._queue.put((block_id, latents.detach().clone()))
         return frames
+
+    def sync(self) -> None:
+        """Wait until every block passed to ``add_block`` is on disk; re-raise a writer failure.
+
+        Only background mode has anything to wait for. Call it before checkpointing, so
+        that the checkpoint and the output directory describe the same blocks.
+        """
+        if self._queue is not None and not self._finished:
+            self._queue.join()
+        if self._error is not None and not self._finished:
+            self.finish()  # records the failure, re-raises
+
+    def writer_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What :meth:`resume` needs to continue this run exactly: JSON-able metadata and named tensors.
+
+        Calls :meth:`sync` first. Save the tensors with safetensors next to the engine's
+        checkpoint; they are the VAE decoder's temporal cache (empty with ``decode=False``).
+        """
+        self.sync()
+        if self._finished:
+            raise RuntimeError("RunWriter is finished")
+        m = self.manifest
+        meta = {key: m[key] for key in ("blocks_written", "frames_written", "latent_frames_written", "video_bytes")}
+        meta.update(gop=self.gop, mp4=self._mp4.state() if self._mp4 is not None else None, decoder=None)
+        tensors = {}
+        if self._decoder is not None:
+            meta["decoder"], cache = self._decoder.state()
+            tensors = {f"decoder.{name}": t for name, t in cache.items()}
+        return meta, tensors
 
     def finish(self, complete: bool = True, reason: str | None = None) -> dict:
         """Close the video, write the final manifest and return it (a no-op once finished).
@@ -631,13 +894,17 @@ class RunWriter:
         self._write_manifest()
 
     def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # keep draining so a blocked producer can always proceed
+        while True:
+            item = self._queue.get()
             try:
-                self._write_block(*item)
+                if item is None:
+                    return
+                if self._error is None:  # else keep draining so a blocked producer can always proceed
+                    self._write_block(*item)
             except BaseException as e:  # handed to the producer thread
                 self._error = e
+            finally:
+                self._queue.task_done()  # for sync()
 
     def _write_manifest(self) -> None:
         data = json.dumps(self.manifest, indent=2).encode() + b"\n"

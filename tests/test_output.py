@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file, save, save_file
 
 from dualpar.output import (
     Mp4Writer,
@@ -336,3 +336,235 @@ def test_paths_escaping_out_dir_are_refused(tmp_path):
         rw.add_block(0, latents(3))
     assert not list(outside.iterdir())
     assert rw.manifest["status"] == "incomplete"
+
+
+# -- resuming ----------------------------------------------------------------------------
+
+
+SPLIT6 = [3, 2, 2, 1, 3, 2]  # latent frames per block -> 9 + 8 + 8 + 4 + 12 + 8 = 49 frames
+
+
+def blocks6():
+    return list(latents(sum(SPLIT6), seed=4).split(SPLIT6, dim=2))
+
+
+def new_run6(out_dir, vae, **kwargs):
+    return RunWriter(out_dir, vae=vae, config={"prompt": "test"}, seed=7, blocks_total=6, frames_total=49, **kwargs)
+
+
+def roundtrip(meta, tensors):
+    """Through the formats the engine stores a checkpoint in: JSON and safetensors (no pickle)."""
+    return json.loads(json.dumps(meta)), load(save(tensors))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, vae):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    rw = new_run6(out, vae)
+    for i, block in enumerate(blocks6()):
+        rw.add_block(i, block)
+    rw.finish()
+    return out
+
+
+def assert_same_run(resumed, reference):
+    m, ref = (json.loads((d / "manifest.json").read_text()) for d in (resumed, reference))
+    assert m["status"] == "complete" and m["resumed"] and all(r["at"] for r in m["resumed"])
+    volatile = ("created_at", "updated_at", "finished_at", "resumed")
+    assert {k: v for k, v in m.items() if k not in volatile} == {k: v for k, v in ref.items() if k not in volatile}
+    frames, ref_frames = read_video(resumed / "video.mp4"), read_video(reference / "video.mp4")
+    assert len(frames) == len(ref_frames) == 49
+    np.testing.assert_array_equal(np.stack(frames), np.stack(ref_frames))
+    # One x264 instance per fragment: the resumed file is not just equivalent but identical.
+    assert (resumed / "video.mp4").read_bytes() == (reference / "video.mp4").read_bytes()
+    assert sorted(p.name for p in (resumed / "latents").iterdir()) == [f"block_{i:05d}.safetensors" for i in range(6)]
+    for entry in ref["blocks"]:
+        got, want = (load_file(d / entry["latents"])["latents"] for d in (resumed, reference))
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("checkpoint_after, stop", [(0, "abandon"), (1, "finish"), (3, "abandon")])
+def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, vae, uninterrupted, checkpoint_after, stop):
+    blocks = blocks6()
+    out = tmp_path / "run"
+    rw = new_run6(out, vae)
+    for i in range(checkpoint_after):
+        rw.add_block(i, blocks[i])
+    rw.sync()
+    meta, tensors = rw.writer_state()
+    # Progress after the checkpoint, lost in the "crash". Serializing the state only now also
+    # checks that it does not change with the writer (the decoder replaces cache entries).
+    rw.add_block(checkpoint_after, blocks[checkpoint_after])
+    meta, tensors = roundtrip(meta, tensors)
+    if stop == "finish":  # a graceful stop finishes the run as incomplete
+        assert rw.finish(complete=False, reason="stopped")["status"] == "incomplete"
+    del rw  # "abandon": no finish(), as if the process had died
+
+    resumed = RunWriter.resume(out, vae=vae, state=meta, tensors=tensors)
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["status"] == "running" and on_disk["blocks_written"] == checkpoint_after
+    assert on_disk["resumed"][-1]["blocks_written"] == checkpoint_after
+    assert not (out / "latents" / f"block_{checkpoint_after:05d}.safetensors").exists()
+    for i in range(checkpoint_after, 6):
+        resumed.add_block(i, blocks[i])
+    resumed.finish()
+    assert_same_run(out, uninterrupted)
+
+
+KILLED_SCRIPT = """
+import json, sys, time, torch
+torch.set_num_threads(1)
+from diffusers import AutoencoderKLWan
+from safetensors.torch import save_file
+from dualpar import output
+torch.manual_seed(0)
+vae = AutoencoderKLWan(**{vae}).eval()
+blocks = torch.randn(1, 16, {frames}, 4, 4, generator=torch.Generator().manual_seed(4)).split({split}, dim=2)
+rw = output.RunWriter(sys.argv[1], vae=vae, config={{"prompt": "test"}}, seed=7, blocks_total=6, frames_total=49,
+                      background=True)
+for i in range(3):
+    rw.add_block(i, blocks[i])
+meta, tensors = rw.writer_state()  # the checkpoint
+with open(sys.argv[2] + ".json", "w") as f:
+    json.dump(meta, f)
+save_file(tensors, sys.argv[2] + ".safetensors")
+
+append = output.Mp4Writer._append
+def torn_append(self, data):  # block 4's fragment is half on disk when the parent kills us
+    if self._sequence == 5:
+        self._file.write(data[: len(data) // 2])
+        self._file.flush()
+        print("torn", flush=True)
+        time.sleep(60)
+    append(self, data)
+output.Mp4Writer._append = torn_append
+for i in range(3, 6):
+    rw.add_block(i, blocks[i])
+time.sleep(60)
+"""
+
+
+def test_resume_after_sigkill_mid_write(tmp_path, vae, uninterrupted):
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    script = KILLED_SCRIPT.format(vae=repr(TINY_VAE), frames=sum(SPLIT6), split=SPLIT6)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(out), str(ckpt)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line == "torn\n", proc.stderr.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and manifest["blocks_written"] == 4  # block 3: after the checkpoint
+    assert (out / "video.mp4").stat().st_size > manifest["video_bytes"]  # + half of block 4's fragment
+    assert (out / "latents" / "block_00004.safetensors").exists()  # latents go first
+
+    meta = json.loads(Path(f"{ckpt}.json").read_text())
+    resumed = RunWriter.resume(out, vae=vae, state=meta, tensors=load_file(f"{ckpt}.safetensors"), background=True)
+    for i, block in enumerate(blocks6()[3:], start=3):
+        resumed.add_block(i, block)
+    resumed.finish()
+    assert_same_run(out, uninterrupted)
+
+
+@pytest.fixture
+def checkpointed(tmp_path, vae):
+    """A run with 3 of 6 blocks written, its state taken, then one more block, then abandoned."""
+    blocks = blocks6()
+    out = tmp_path / "run"
+    rw = new_run6(out, vae)
+    for i in range(3):
+        rw.add_block(i, blocks[i])
+    state = roundtrip(*rw.writer_state())
+    rw.add_block(3, blocks[3])
+    return out, *state
+
+
+def corrupt_file(out, meta):
+    with open(out / "video.mp4", "r+b") as f:
+        f.truncate(meta["video_bytes"] - 10)
+
+
+def corrupt_state(out, meta):
+    meta["video_bytes"] = meta["mp4"]["bytes_written"] = (out / "video.mp4").stat().st_size + 100
+
+
+def extra_fragment(out, meta):
+    meta["mp4"]["sequence"] -= 1
+
+
+def other_encoder(out, meta):
+    meta["mp4"]["preset"] = "ultrafast"  # no CABAC, other PPS: new fragments would not decode
+
+
+@pytest.mark.parametrize("corrupt, error, match", [
+    (corrupt_file, ValueError, "expects at least"),
+    (corrupt_state, ValueError, "expects at least"),
+    (extra_fragment, ValueError, "expected an init segment and 2 fragments"),
+    (other_encoder, RuntimeError, "SPS/PPS"),
+])
+def test_resume_refuses_a_state_that_does_not_fit(checkpointed, vae, corrupt, error, match):
+    out, meta, tensors = checkpointed
+    corrupt(out, meta)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(error, match=match):
+        RunWriter.resume(out, vae=vae, state=meta, tensors=tensors)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing touched
+
+
+def test_resume_refuses_a_state_from_another_run(checkpointed, vae):
+    out, meta, tensors = checkpointed
+    meta["latent_frames_written"] += 1
+    with pytest.raises(ValueError, match="does not match the manifest"):
+        RunWriter.resume(out, vae=vae, state=meta, tensors=tensors)
+    with pytest.raises(ValueError, match="decode=True"):
+        RunWriter.resume(out, state=meta, tensors=tensors, decode=False)
+
+
+def test_decoder_state_round_trip_keeps_rep_entries(vae):
+    z = latents(5, seed=8)
+    dec = StreamingDecoder(vae)
+    first = dec.decode_block(z[:, :, :1])
+    meta, tensors = roundtrip(*dec.state())
+    # After one latent frame the temporal upsamplers hold "Rep"; two counted convs never get a cache entry.
+    assert set(meta["feat_map"]) == {"tensor", "Rep", None}
+    assert meta["latent_frames_done"] == 1 and len(tensors) == meta["feat_map"].count("tensor")
+    resumed = StreamingDecoder(vae)
+    resumed.load_state(meta, tensors)
+    assert torch.equal(torch.cat([first, resumed.decode_block(z[:, :, 1:])], dim=2), one_shot(vae, z))
+
+
+def test_sync_waits_for_the_worker_and_reraises_its_error(tmp_path, vae):
+    rw = new_run6(tmp_path / "ok", vae, background=True)
+    blocks = blocks6()
+    for i in range(3):
+        rw.add_block(i, blocks[i])
+    rw.sync()
+    assert json.loads((tmp_path / "ok" / "manifest.json").read_text())["blocks_written"] == 3
+    rw.finish(complete=False)
+
+    rw = RunWriter(tmp_path / "bad", vae=vae, config={}, seed=0, blocks_total=3, frames_total=33, background=True)
+    rw.add_block(0, torch.zeros(1, 8, 1, 4, 4))  # wrong channel count: fails on the worker thread
+    with pytest.raises(ValueError, match="expected latents"):
+        rw.sync()
+    manifest = json.loads((tmp_path / "bad" / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and "writer failed" in manifest["reason"]
+    rw.sync()  # finished: nothing left to wait for or raise
+    RunWriter(tmp_path / "plain", config={}, seed=0, blocks_total=1, frames_total=9, decode=False).sync()
+
+
+def test_resume_without_decoding(tmp_path):
+    out = tmp_path / "run"
+    rw = RunWriter(out, config={}, seed=0, blocks_total=3, frames_total=33, decode=False)
+    rw.add_block(0, latents(3))
+    meta, tensors = roundtrip(*rw.writer_state())
+    assert tensors == {} and meta["decoder"] is None and meta["mp4"] is None
+    rw.add_block(1, latents(2))
+    resumed = RunWriter.resume(out, state=meta, tensors=tensors, decode=False)
+    with pytest.raises(ValueError, match="expected block 1, got 2"):
+        resumed.add_block(2, latents(4))
+    resumed.add_block(1, latents(2))
+    resumed.add_block(2, latents(4))
+    m = resumed.finish()
+    assert m["status"] == "complete" and [b["latent_start"] for b in m["blocks"]] == [0, 3, 5]
