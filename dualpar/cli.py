@@ -183,112 +183,134 @@ def main(argv: list[str] | None = None) -> int:
     return run(cfg, args)
 
 
-def run(cfg: Config, args: argparse.Namespace) -> int:
-    import signal
+class Job:
+    """One rank of a run: the engine loaded once, then one video per :meth:`generate` call.
 
-    import torch
+    ``launch/gen.py`` (torchrun or python) and the Ray actors of
+    ``launch/ray_job.py`` both drive this class: the same engine code either way.
+    """
 
-    from . import resume
-    from .comm import Comm, CommError, PeerError
-    from .engine import DenoiseState, Engine, log
-    from .models import loader
-    from .output import RunWriter
-    from .progress import Progress
+    def __init__(self, cfg: Config, *, device: str | None = None, threads: int | None = None):
+        import torch
 
-    torch.set_num_threads(args.threads or 1)
-    comm = Comm.from_env(device=args.device, timeout_s=cfg.parallel.timeout_s)
-    rank, out = comm.rank, cfg.output.out
-    stop_signal: list[int] = []
+        from .comm import Comm
+        from .engine import Engine, log
 
-    def on_signal(signum, frame):
-        if stop_signal:  # a second signal: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        stop_signal.append(signum)
-        if rank == 0:
-            log(0, f"{signal.Signals(signum).name}: stopping at the next iteration boundary (checkpoint, then exit)")
+        torch.set_num_threads(threads or 1)
+        self.cfg = cfg
+        self.comm = Comm.from_env(device=device, timeout_s=cfg.parallel.timeout_s)
+        self.rank = self.comm.rank
+        self.stop_signal: list[int] = []
+        self.engine = Engine(cfg, self.comm)
+        first, last = self.engine.plan.layers[self.rank]
+        log(self.rank, f"layers [{first}, {last}) of {self.engine.plan.layers[-1][1]} on {self.comm.device}; "
+                       f"{len(self.engine.plan.blocks)} blocks x {cfg.sampling.steps} steps")
+        self.vae = None
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM: stop at the next iteration boundary; a second one stops at once."""
+        import signal
 
-    t_start = time.perf_counter()
-    writer = progress = None
-    try:
-        engine = Engine(cfg, comm)
-        engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
-        first, last = engine.plan.layers[rank]
-        log(rank, f"layers [{first}, {last}) of {engine.plan.layers[-1][1]} on {comm.device}; "
-                  f"{len(engine.plan.blocks)} blocks x {cfg.sampling.steps} steps")
-        state = checkpoint = None
-        if comm.is_first:
-            if args.overwrite:
-                clear_run(out)
-            vae = loader.load_vae(cfg, comm.device) if cfg.output.decode else None
-            common = dict(vae=vae, background=True, queue_blocks=cfg.output.queue_blocks,
-                          decode=cfg.output.decode, save_latents=cfg.output.save_latents)
-            state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels)
-            if args.resume:
-                meta, tensors = resume.load(out)
-                state.load_checkpoint(meta["engine"], tensors)
-                wt = {k[len("writer."):]: v for k, v in tensors.items() if k.startswith("writer.")}
-                writer = RunWriter.resume(out, state=meta["writer"], tensors=wt, **common)
-                log(0, f"resuming {out} at iteration {state.iteration} ({state.blocks_done} blocks already written)")
-            else:
-                writer = RunWriter(out, config=cfg.to_dict(), seed=cfg.sampling.seed,
-                                   blocks_total=len(engine.plan.blocks), frames_total=cfg.video.frames,
-                                   fps=cfg.video.fps, gop=engine.plan.frames_of_block(len(engine.plan.blocks) - 1),
-                                   **common)
+        from .engine import log
 
-            def checkpoint(st) -> None:
-                writer.sync()
-                wmeta, wtensors = writer.writer_state()
-                emeta, etensors = st.to_checkpoint()
-                tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
-                resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict()}, tensors)
+        def on_signal(signum, frame):
+            if self.stop_signal:
+                raise KeyboardInterrupt
+            self.stop_signal.append(signum)
+            if self.rank == 0:
+                log(0, f"{signal.Signals(signum).name}: stopping at the next iteration boundary (checkpoint, then exit)")
 
-            if cfg.output.progress:
-                progress = Progress(engine.plan)
-        stats = engine.generate(writer=writer, progress=progress, state=state, checkpoint=checkpoint,
-                                checkpoint_every=cfg.output.checkpoint_every, should_stop=lambda: bool(stop_signal))
-        if progress is not None:
-            progress.close()
-        if stats.stopped:
-            signum = stop_signal[0] if stop_signal else signal.SIGTERM
-            name = signal.Signals(signum).name
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    def generate(self, cfg: Config, *, resume_run: bool = False, overwrite: bool = False) -> int:
+        """Make one video with ``cfg`` (same model and geometry as the job's; prompt and output may differ).
+
+        Returns 0, or 128 + signal number when a signal stopped the run (a
+        checkpoint was taken). Raises on failure after recording it in the manifest.
+        """
+        import signal
+
+        from . import resume
+        from .comm import PeerError
+        from .engine import DenoiseState, log
+        from .models import loader
+        from .output import RunWriter
+        from .progress import Progress
+
+        engine, comm, rank, out = self.engine, self.comm, self.rank, cfg.output.out
+        t_start = time.perf_counter()
+        writer = progress = state = checkpoint = None
+        try:
+            engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
+            if comm.is_first:
+                if overwrite:
+                    clear_run(out)
+                if cfg.output.decode and self.vae is None:
+                    self.vae = loader.load_vae(cfg, comm.device)
+                common = dict(vae=self.vae if cfg.output.decode else None, background=True,
+                              queue_blocks=cfg.output.queue_blocks, decode=cfg.output.decode,
+                              save_latents=cfg.output.save_latents)
+                state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels)
+                if resume_run:
+                    meta, tensors = resume.load(out)
+                    state.load_checkpoint(meta["engine"], tensors)
+                    wt = {k[len("writer."):]: v for k, v in tensors.items() if k.startswith("writer.")}
+                    writer = RunWriter.resume(out, state=meta["writer"], tensors=wt, **common)
+                    log(0, f"resuming {out} at iteration {state.iteration} ({state.blocks_done} blocks already written)")
+                else:
+                    writer = RunWriter(out, config=cfg.to_dict(), seed=cfg.sampling.seed,
+                                       blocks_total=len(engine.plan.blocks), frames_total=cfg.video.frames,
+                                       fps=cfg.video.fps, gop=engine.plan.frames_of_block(len(engine.plan.blocks) - 1),
+                                       **common)
+
+                def checkpoint(st) -> None:
+                    writer.sync()
+                    wmeta, wtensors = writer.writer_state()
+                    emeta, etensors = st.to_checkpoint()
+                    tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
+                    resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict()}, tensors)
+
+                if cfg.output.progress:
+                    progress = Progress(engine.plan)
+            stats = engine.generate(writer=writer, progress=progress, state=state, checkpoint=checkpoint,
+                                    checkpoint_every=cfg.output.checkpoint_every,
+                                    should_stop=lambda: bool(self.stop_signal))
+            if progress is not None:
+                progress.close()
+            if stats.stopped:
+                signum = self.stop_signal[0] if self.stop_signal else signal.SIGTERM
+                name = signal.Signals(signum).name
+                if writer is not None:
+                    writer.finish(complete=False, reason=f"stopped by {name}; continue with --resume {out}")
+                    log(0, f"stopped by {name} at iteration {state.iteration}; checkpoint saved. "
+                           f"Continue with: launch/gen.py --resume {out}")
+                try:
+                    comm.flush()
+                except PeerError as e:  # a peer that already left cannot take the stop message
+                    log(rank, str(e))
+                return 128 + signum
             if writer is not None:
-                writer.finish(complete=False, reason=f"stopped by {name}; continue with --resume {out}")
-                log(0, f"stopped by {name} at iteration {state.iteration}; checkpoint saved. "
-                       f"Continue with: launch/gen.py --resume {out}")
-            try:
-                comm.close()
-            except PeerError as e:  # a peer that already left cannot take the stop message
-                log(rank, str(e))
-            return 128 + signum
-        if writer is not None:
-            writer.finish(complete=True)
-    except (PeerError, CommError, KeyboardInterrupt, Exception) as e:
-        if progress is not None:
-            progress.close()
-        reason = str(e) if isinstance(e, (PeerError, CommError)) else f"{type(e).__name__}: {e}"
-        if isinstance(e, KeyboardInterrupt):
-            reason = "interrupted"
-        if writer is not None:
-            try:
-                writer.finish(complete=False, reason=reason)
-            except Exception as we:  # the writer's own failure is already in the manifest
-                log(rank, f"output writer: {we}")
-        log(rank, f"error: {reason}" + (f"; what was written stays in {out}" if writer is not None else ""))
-        if not isinstance(e, (PeerError, CommError, KeyboardInterrupt)):
-            import traceback
+                writer.finish(complete=True)
+        except BaseException as e:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                reason = "interrupted" if isinstance(e, KeyboardInterrupt) else describe(e)
+                try:
+                    writer.finish(complete=False, reason=reason)
+                except Exception as we:  # the writer's own failure is already in the manifest
+                    log(rank, f"output writer: {we}")
+            raise
+        loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent)])
+        if rank == 0:
+            self._summary(cfg, loop, time.perf_counter() - t_start)
+        return 0
 
-            traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)  # peers may be gone: do not wait for them in process-group teardown
-    loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent)])
-    comm.close()
-    if rank == 0:
-        total = time.perf_counter() - t_start
-        loop_s = max(r[0] for r in loop)
-        frames = cfg.video.frames
+    def _summary(self, cfg: Config, loop: list[list[float]], total: float) -> None:
+        from .engine import log
+
+        out, frames = cfg.output.out, cfg.video.frames
         per_rank = [
             {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent)}
             for r, (wall, comp, wait, sent) in enumerate(loop)
@@ -296,8 +318,44 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         for r in per_rank:
             log(0, f"rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
                    f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB")
-        write_stats(out, {"world_size": comm.world, "frames": frames, "total_s": total,
-                          "loop_s": loop_s, "ranks": per_rank})
+        write_stats(out, {"world_size": self.comm.world, "frames": frames, "total_s": total,
+                          "loop_s": max(r["loop_s"] for r in per_rank), "ranks": per_rank})
         log(0, f"done: {frames} frames in {total:.1f} s ({frames / total:.1f} frames/s end to end; "
-               f"denoising loop {loop_s:.1f} s) -> {os.path.join(out, 'video.mp4' if cfg.output.decode else 'latents')}")
-    return 0
+               f"denoising loop {max(r['loop_s'] for r in per_rank):.1f} s) -> "
+               f"{os.path.join(out, 'video.mp4' if cfg.output.decode else 'latents')}")
+
+    def close(self, abort: bool = False) -> None:
+        self.comm.close(abort=abort)
+
+
+def describe(e: BaseException) -> str:
+    from .comm import CommError, PeerError
+
+    return str(e) if isinstance(e, (PeerError, CommError)) else f"{type(e).__name__}: {e}"
+
+
+def run(cfg: Config, args: argparse.Namespace) -> int:
+    """The torchrun / python entry: one job, one video; failures end the process."""
+    from .comm import CommError, PeerError
+    from .engine import log
+
+    job = None
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        job = Job(cfg, device=args.device, threads=args.threads)
+        job.install_signal_handlers()
+        code = job.generate(cfg, resume_run=bool(args.resume), overwrite=args.overwrite)
+    except BaseException as e:
+        log(rank, f"error: {'interrupted' if isinstance(e, KeyboardInterrupt) else describe(e)}"
+                  + (f"; what was written stays in {cfg.output.out}" if rank == 0 else ""))
+        if not isinstance(e, (PeerError, CommError, KeyboardInterrupt)):
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)  # peers may be gone: do not wait for them in process-group teardown
+    try:
+        job.close()
+    except PeerError as e:
+        log(rank, str(e))
+    return code
