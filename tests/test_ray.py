@@ -1,0 +1,107 @@
+"""Ray jobs: the same engine as torchrun, several prompts per job, a dead actor fails the job cleanly."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+
+from test_parallel import ARGS, launch, read_blocks  # noqa: E402
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="token")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One local Ray instance for these tests: 2 CPUs, no dashboard, a small object store, loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tmp_path_factory.mktemp("ray")
+    start = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+             "--include-dashboard=false", "--object-store-memory=134217728", "--disable-usage-stats",
+             f"--temp-dir={tmp}"]
+    res = subprocess.run(start, capture_output=True, text=True, timeout=120, env=ENV)
+    assert res.returncode == 0, res.stderr
+    yield f"127.0.0.1:{port}"
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120, env=ENV)
+
+
+def ray_job(root, cluster, args, **kw):
+    cmd = [sys.executable, os.path.join(root, "launch", "ray_job.py"), "--address", cluster, "--world-size", "2",
+           *ARGS, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, **kw)
+
+
+def test_two_actors_equal_torchrun(root, cluster, tmp_path):
+    p = ray_job(root, cluster, ["--no-decode", "--out", str(tmp_path / "ray")])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "[rank 0] layers [0, 4)" in err and "[rank 1] layers [4, 8)" in err  # actor logs reach the driver
+    launch(root, 2, tmp_path / "torchrun")
+    _, a = read_blocks(tmp_path / "ray")
+    _, b = read_blocks(tmp_path / "torchrun")
+    assert len(a) == len(b) == 5
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_prompt_file_two_videos_one_model_load(root, cluster, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox running through snow\n\n# comment\na boat on a dark sea\n")
+    p = ray_job(root, cluster, ["--prompts", str(prompts), "--out", str(tmp_path / "batch")])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    mans = [json.loads((tmp_path / "batch" / f"prompt-{i:03d}" / "manifest.json").read_text()) for i in range(2)]
+    assert [m["status"] for m in mans] == ["complete", "complete"]
+    assert [m["config"]["sampling"]["prompt"] for m in mans] == ["a red fox running through snow",
+                                                                  "a boat on a dark sea"]
+    assert all(m["frames_written"] == 89 for m in mans)
+    # each actor built its slice of the model once, for both videos
+    assert err.count("[rank 0] layers [0, 4)") == 1 and err.count("[rank 1] layers [4, 8)") == 1
+    # different prompts, different videos
+    a = read_blocks(tmp_path / "batch" / "prompt-000")[1][0]
+    b = read_blocks(tmp_path / "batch" / "prompt-001")[1][0]
+    assert not torch.equal(a, b)
+
+
+def test_killing_an_actor_fails_the_job_cleanly(root, cluster, tmp_path):
+    out = tmp_path / "run"
+    args = ["--frames", "161", "--set", "parallel.timeout_s=30", "--out", str(out)]
+    p = ray_job(root, cluster, args)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
+    reader.start()
+
+    def manifest():
+        try:
+            return json.loads((out / "manifest.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    end = time.time() + 300
+    while manifest().get("blocks_written", 0) < 2 and time.time() < end:
+        time.sleep(0.05)
+    pids = dict(re.findall(r"rank (\d+): pid (\d+)", "".join(lines)))
+    os.kill(int(pids["1"]), signal.SIGKILL)
+    t0 = time.time()
+    p.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert p.returncode == 1
+    assert time.time() - t0 < 30 + 30 + 10
+    assert "error: rank 1" in err, err[-2000:]
+    man = manifest()
+    assert man["status"] == "incomplete" and 2 <= man["blocks_written"] < man["blocks_total"]
+    import av
+
+    with av.open(str(out / "video.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) >= man["frames_written"] > 0
