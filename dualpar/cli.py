@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     p.add_argument("--device", help="torch device for this rank (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.add_argument("--trace", action="store_true", help="write trace.json (Chrome trace of every rank's timeline)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per rank (default 1: ranks share the cores)")
     return p
@@ -190,18 +191,20 @@ class Job:
     ``launch/ray_job.py`` both drive this class: the same engine code either way.
     """
 
-    def __init__(self, cfg: Config, *, device: str | None = None, threads: int | None = None):
+    def __init__(self, cfg: Config, *, device: str | None = None, threads: int | None = None, trace: bool = False):
         import torch
 
         from .comm import Comm
         from .engine import Engine, log
+        from .trace import Trace
 
         torch.set_num_threads(threads or 1)
         self.cfg = cfg
         self.comm = Comm.from_env(device=device, timeout_s=cfg.parallel.timeout_s)
         self.rank = self.comm.rank
         self.stop_signal: list[int] = []
-        self.engine = Engine(cfg, self.comm)
+        self.trace = Trace(self.rank, enabled=trace)
+        self.engine = Engine(cfg, self.comm, self.trace)
         first, last = self.engine.plan.layers[self.rank]
         log(self.rank, f"layers [{first}, {last}) of {self.engine.plan.layers[-1][1]} on {self.comm.device}; "
                        f"{len(self.engine.plan.blocks)} blocks x {cfg.sampling.steps} steps")
@@ -240,6 +243,7 @@ class Job:
 
         engine, comm, rank, out = self.engine, self.comm, self.rank, cfg.output.out
         t_start = time.perf_counter()
+        self.trace.events.clear()
         writer = progress = state = checkpoint = None
         try:
             engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
@@ -271,6 +275,7 @@ class Job:
                     tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
                     resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict()}, tensors)
 
+                writer.trace = self.trace
                 if cfg.output.progress:
                     progress = Progress(engine.plan)
             stats = engine.generate(writer=writer, progress=progress, state=state, checkpoint=checkpoint,
@@ -303,9 +308,21 @@ class Job:
                     log(rank, f"output writer: {we}")
             raise
         loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent)])
+        if self.trace.enabled:
+            self._write_trace(out)
         if rank == 0:
             self._summary(cfg, loop, time.perf_counter() - t_start)
         return 0
+
+    def _write_trace(self, out: str) -> None:
+        import json
+
+        from .output import atomic_write
+        from .trace import chrome_trace
+
+        per_rank = [json.loads(b) for b in self.comm.gather_bytes(self.trace.to_json())]
+        if self.rank == 0:
+            atomic_write(out, "trace.json", json.dumps(chrome_trace(per_rank)).encode())
 
     def _summary(self, cfg: Config, loop: list[list[float]], total: float) -> None:
         from .engine import log
@@ -342,7 +359,7 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
     job = None
     rank = int(os.environ.get("RANK", "0"))
     try:
-        job = Job(cfg, device=args.device, threads=args.threads)
+        job = Job(cfg, device=args.device, threads=args.threads, trace=args.trace)
         job.install_signal_handlers()
         code = job.generate(cfg, resume_run=bool(args.resume), overwrite=args.overwrite)
     except BaseException as e:

@@ -212,6 +212,20 @@ class Comm:
         dist.all_gather(out, t)
         return [o.tolist() for o in out]
 
+    def gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's bytes, in rank order, on every rank (no pickle)."""
+        if self.world == 1:
+            return [data]
+        n = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        sizes = [torch.empty_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        width = max(int(s.item()) for s in sizes)
+        buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+        out = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(out, buf)
+        return [bytes(o[: int(s.item())].cpu().tolist()) for o, s in zip(out, sizes)]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -27,6 +27,7 @@ from .models import loader
 from .models.wan import MOD_ROWS, BlockShape
 from .noise import NoisePool
 from .stage import Stage
+from .trace import Trace
 
 
 def log(rank: int, msg: str) -> None:
@@ -85,8 +86,9 @@ class Plan:
 class Engine:
     """One rank of a run. Build once (weights stay loaded), then :meth:`generate`."""
 
-    def __init__(self, cfg: Config, comm: Comm):
+    def __init__(self, cfg: Config, comm: Comm, trace: Trace | None = None):
         self.cfg, self.comm = cfg, comm
+        self.trace = trace or Trace(comm.rank, enabled=False)
         self.plan = Plan(cfg, comm.world, loader.num_layers(cfg))
         first, last = self.plan.layers[comm.rank]
         self.stage = Stage(loader.load_slice(cfg, first, last, comm.device))
@@ -145,7 +147,8 @@ class Engine:
         for task in tasks:
             shape = plan.shape(task)
             tw = time.perf_counter()
-            packet = inbox.next()
+            with self.trace.span("recv", "wait", task=task.index):
+                packet = inbox.next()
             tc = time.perf_counter()
             st.wait_s += tc - tw
             if packet is None:  # rank 0 stopped the run at this iteration boundary
@@ -153,14 +156,16 @@ class Engine:
                     comm.send_stop(comm.next, task.index, plan.packet_shape(task, model.dim), model.dtype)
                 st.stopped = True
                 break
-            packet = self.stage.run(packet, task, shape)
-            if comm.is_last:
-                out = self.stage.model.head(packet, shape, self.cfg.sampling.guidance)
-                st.compute_s += time.perf_counter() - tc
-                comm.send(out, 0, KIND_PRED, task.index)
-            else:
-                st.compute_s += time.perf_counter() - tc
-                comm.send(packet, comm.next, KIND_PACKET, task.index)
+            with self.trace.span(f"b{task.block} s{task.step}", "compute", task=task.index, iteration=task.iteration):
+                packet = self.stage.run(packet, task, shape)
+                if comm.is_last:
+                    packet = self.stage.model.head(packet, shape, self.cfg.sampling.guidance)
+            st.compute_s += time.perf_counter() - tc
+            with self.trace.span("send", "send", task=task.index):
+                if comm.is_last:
+                    comm.send(packet, 0, KIND_PRED, task.index)
+                else:
+                    comm.send(packet, comm.next, KIND_PACKET, task.index)
             st.tasks += 1
         comm.flush()
         st.wall_s = time.perf_counter() - t0
@@ -198,10 +203,12 @@ class Engine:
             while applied < upto:
                 nxt = plan.tasks[applied + 1]
                 tw = time.perf_counter()
-                pred = inbox.next()
+                with self.trace.span("recv", "wait", task=nxt.index):
+                    pred = inbox.next()
                 tc = time.perf_counter()
                 st.wait_s += tc - tw
-                apply(nxt, pred)
+                with self.trace.span(f"step b{nxt.block} s{nxt.step}", "scheduler", task=nxt.index):
+                    apply(nxt, pred)
                 st.compute_s += time.perf_counter() - tc
                 applied += 1
 
@@ -223,16 +230,20 @@ class Engine:
             # Wait for the results this input depends on, and keep the ring's load bounded.
             drain(max(task.needs, task.index - self.in_flight))
             tc = time.perf_counter()
-            x = state.input(task, shape.context)
-            st.peak_live_blocks = max(st.peak_live_blocks, state.live_blocks())
-            packet = model.embed(x, state.timesteps[task.step], plan.batch)
-            packet = self.stage.run(packet, task, shape)
+            with self.trace.span(f"b{task.block} s{task.step}", "compute", task=task.index, iteration=task.iteration):
+                x = state.input(task, shape.context)
+                st.peak_live_blocks = max(st.peak_live_blocks, state.live_blocks())
+                packet = model.embed(x, state.timesteps[task.step], plan.batch)
+                packet = self.stage.run(packet, task, shape)
+                if comm.world == 1:
+                    pred = model.head(packet, shape, cfg.sampling.guidance)
             if comm.world == 1:
-                pred = model.head(packet, shape, cfg.sampling.guidance)
-                apply(task, pred)
+                with self.trace.span(f"step b{task.block} s{task.step}", "scheduler", task=task.index):
+                    apply(task, pred)
                 applied = task.index
             else:
-                comm.send(packet, comm.next, KIND_PACKET, task.index)
+                with self.trace.span("send", "send", task=task.index):
+                    comm.send(packet, comm.next, KIND_PACKET, task.index)
             st.compute_s += time.perf_counter() - tc
             st.tasks += 1
             if progress is not None:

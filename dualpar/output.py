@@ -16,6 +16,7 @@ was already written.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -856,6 +857,12 @@ class RunWriter:
 
     # -- the actual work (caller thread, or the worker in background mode) ----------------
 
+    trace = None
+    """Optional :class:`dualpar.trace.Trace` receiving decode and write spans."""
+
+    def _span(self, name: str, cat: str):
+        return self.trace.span(name, cat) if self.trace is not None else contextlib.nullcontext()
+
     def _write_block(self, block_id: int, latents: torch.Tensor) -> None:
         m = self.manifest
         latent_start = m["latent_frames_written"]
@@ -877,14 +884,16 @@ class RunWriter:
             atomic_write(self.out_dir, rel, data)
             entry["latents"] = rel
         if self.decode:
-            frames = to_uint8_frames(self._decoder.decode_block(latents))
+            with self._span(f"decode b{block_id}", "decode"):
+                frames = to_uint8_frames(self._decoder.decode_block(latents))
             if len(frames) != entry["frames"]:
                 raise RuntimeError(f"block {block_id} decoded to {len(frames)} frames, expected {entry['frames']}")
             if self._mp4 is None:
                 height, width = frames.shape[1:3]
                 gop = self.gop or self._temporal * f  # the frames of one full block
                 self._mp4 = Mp4Writer(safe_join(self.out_dir, self.VIDEO), width, height, fps=self.fps, gop=gop)
-            self._mp4.write(frames)
+            with self._span(f"write b{block_id}", "write"):
+                self._mp4.write(frames)
             m["frames_written"] += len(frames)
             m["video_bytes"] = self._mp4.bytes_written
         m["blocks"].append(entry)

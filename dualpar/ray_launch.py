@@ -77,7 +77,7 @@ class RankActor:
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",
                           LOCAL_WORLD_SIZE="1", MASTER_ADDR=addr, MASTER_PORT=str(port))
         cfg = Config.from_dict(cfg_dict)
-        job = Job(cfg, device=options.get("device"), threads=options.get("threads"))
+        job = Job(cfg, device=options.get("device"), threads=options.get("threads"), trace=options.get("trace", False))
         done = []
         try:
             for prompt, out in videos:
@@ -159,7 +159,8 @@ def drive(ray, cfg, args, videos) -> int:
     addr, port = ray.get(actors[0].rendezvous.remote(local))
     pids = ray.get([a.pid.remote() for a in actors])
     print("[driver] " + ", ".join(f"rank {r}: pid {p}" for r, p in enumerate(pids)), file=sys.stderr, flush=True)
-    options = dict(device=args.device, threads=args.threads, resume=bool(args.resume), overwrite=args.overwrite)
+    options = dict(device=args.device, threads=args.threads, resume=bool(args.resume), overwrite=args.overwrite,
+                   trace=args.trace)
     runs = {actors[r].run.remote(cfg.to_dict(), addr, port, videos, options): r for r in range(n)}
     print(f"[driver] {n} actors ({'GPU' if gpus else 'CPU'}), rendezvous {addr}:{port}, "
           f"{len(videos)} video(s)", file=sys.stderr, flush=True)
