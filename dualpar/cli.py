@@ -97,24 +97,35 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {path} is not writable")
 
 
-def check_device(name: str) -> None:
+def check_device(name: str) -> str:
+    """The device this rank uses for ``--device name`` (bare ``cuda`` means ``cuda:LOCAL_RANK``)."""
     import torch
 
     try:
         dev = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    if dev.type == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if dev.index is not None and local_ranks > 1:
+        raise ConfigError(f"--device {name}: {local_ranks} ranks on this machine cannot share one GPU; "
+                          "use --device cuda (each rank takes cuda:LOCAL_RANK)")
+    index = dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return f"cuda:{index}"
 
 
 def clear_run(path: str) -> None:
     """Remove a previous run's files (only those the engine writes) from ``path``."""
     import shutil
 
-    for name in ("manifest.json", "video.mp4", "stats.json"):
+    for name in ("manifest.json", "video.mp4", "stats.json", "trace.json", "checkpoint.safetensors"):
         p = os.path.join(path, name)
         if os.path.isfile(p):
             os.remove(p)
@@ -155,6 +166,15 @@ def config_for_resume(args: argparse.Namespace) -> Config:
     if not os.path.isfile(os.path.join(args.resume, resume.FILE)):
         raise ConfigError(f"--resume {args.resume}: no checkpoint yet (the run stopped before its first one); "
                           "start it again instead")
+    try:
+        meta = resume.read_meta(args.resume)
+    except resume.ResumeError as e:
+        raise ConfigError(str(e)) from None
+    if meta.get("run_id") != manifest.get("created_at"):
+        raise ConfigError(f"--resume {args.resume}: {resume.FILE} belongs to another run than manifest.json")
+    diff = base.differences(Config.from_dict(meta["config"]), ignore=RESUMABLE_CHANGES)
+    if diff:
+        raise ConfigError(f"--resume {args.resume}: the checkpoint's config differs from the manifest's ({'; '.join(diff)})")
     return cfg
 
 
@@ -172,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         if args.device is not None:
-            check_device(args.device)
+            args.device = check_device(args.device)
         if not cfg.output.out:
             cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
         if rank == 0 and not args.resume:
@@ -241,6 +261,9 @@ class Job:
         from .output import RunWriter
         from .progress import Progress
 
+        changed = self.cfg.differences(cfg, ignore=("sampling.prompt", "output.out") + RESUMABLE_CHANGES)
+        if changed:
+            raise ValueError(f"a job's videos share its model and geometry; cannot change {', '.join(changed)}")
         engine, comm, rank, out = self.engine, self.comm, self.rank, cfg.output.out
         t_start = time.perf_counter()
         self.trace.events.clear()
@@ -269,11 +292,11 @@ class Job:
                                        **common)
 
                 def checkpoint(st) -> None:
-                    writer.sync()
-                    wmeta, wtensors = writer.writer_state()
+                    wmeta, wtensors = writer.writer_state()  # waits for the queued blocks first
                     emeta, etensors = st.to_checkpoint()
                     tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
-                    resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict()}, tensors)
+                    resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict(),
+                                      "run_id": writer.manifest["created_at"]}, tensors)
 
                 writer.trace = self.trace
                 if cfg.output.progress:
@@ -297,6 +320,7 @@ class Job:
                 return 128 + signum
             if writer is not None:
                 writer.finish(complete=True)
+                resume.remove(out)  # a complete run needs no checkpoint (it can be GBs)
         except BaseException as e:
             if progress is not None:
                 progress.close()
@@ -307,7 +331,8 @@ class Job:
                 except Exception as we:  # the writer's own failure is already in the manifest
                     log(rank, f"output writer: {we}")
             raise
-        loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent)])
+        loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent), peak_rss_mb(),
+                                   peak_cuda_mb()])
         if self.trace.enabled:
             self._write_trace(out)
         if rank == 0:
@@ -329,12 +354,13 @@ class Job:
 
         out, frames = cfg.output.out, cfg.video.frames
         per_rank = [
-            {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent)}
-            for r, (wall, comp, wait, sent) in enumerate(loop)
+            {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent),
+             "peak_rss_mb": rss, "peak_cuda_mb": cuda}
+            for r, (wall, comp, wait, sent, rss, cuda) in enumerate(loop)
         ]
         for r in per_rank:
             log(0, f"rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
-                   f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB")
+                   f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB, peak RSS {r['peak_rss_mb']:.0f} MB")
         write_stats(out, {"world_size": self.comm.world, "frames": frames, "total_s": total,
                           "loop_s": max(r["loop_s"] for r in per_rank), "ranks": per_rank})
         log(0, f"done: {frames} frames in {total:.1f} s ({frames / total:.1f} frames/s end to end; "
@@ -343,6 +369,19 @@ class Job:
 
     def close(self, abort: bool = False) -> None:
         self.comm.close(abort=abort)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident host memory so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_cuda_mb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else 0.0
 
 
 def describe(e: BaseException) -> str:

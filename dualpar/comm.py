@@ -53,6 +53,8 @@ def _gloo_on_loopback_when_local() -> None:
         local = addr == "localhost" or ipaddress.ip_address(addr).is_loopback
     except ValueError:
         local = False
+    # every rank on this machine (torchrun's LOCAL_WORLD_SIZE) is as local as it gets
+    local = local or os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
     names = [n for _, n in socket.if_nameindex()]
     if local and "lo" in names:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
@@ -61,10 +63,17 @@ def _gloo_on_loopback_when_local() -> None:
 class Comm:
     """This rank's view of the process group (a 1-rank Comm needs no process group)."""
 
-    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu", timeout_s: float = 120.0):
+    def __init__(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu", timeout_s: float = 120.0,
+                 patient_timeout_s: float = 1800.0):
         self.rank, self.world = rank, world
         self.timeout = timedelta(seconds=timeout_s)
         """Longest wait for any one message while generating; past it the peer counts as failed."""
+        self.patient_timeout = timedelta(seconds=max(timeout_s, patient_timeout_s))
+        """Longest wait where the sender may be busy writing a checkpoint."""
+        # Predictions (last rank -> rank 0) get their own group: with NCCL each group
+        # pair has one stream, and with 2 ranks both ring directions would share it
+        # and block each other.
+        self._pred_group = dist.new_group([0, world - 1]) if world > 1 and dist.is_initialized() else None
         self.device = torch.device(device)
         self._pending: deque = deque()
         self.bytes_sent = 0
@@ -91,7 +100,7 @@ class Comm:
             if backend == "gloo":
                 _gloo_on_loopback_when_local()
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=startup_timeout_s))
-        return cls(rank, world, dev, timeout_s)
+        return cls(rank, world, dev, timeout_s, startup_timeout_s)
 
     @property
     def prev(self) -> int:
@@ -117,6 +126,9 @@ class Comm:
         vals = [kind, task, _CODE[t.dtype], t.dim(), *t.shape] + [0] * (MAX_DIMS - t.dim())
         return torch.tensor(vals, dtype=torch.int64, device=self.device)
 
+    def group_for(self, kind: int):
+        return self._pred_group if kind == KIND_PRED else None
+
     def send(self, t: torch.Tensor, dst: int, kind: int, task: int) -> None:
         """Queue ``t`` for ``dst`` without waiting for the transfer.
 
@@ -125,15 +137,13 @@ class Comm:
         t = t.contiguous().to(self.device)
         h = self._header(kind, task, t)
         msg = torch.cat([h.view(torch.uint8), t.view(-1).view(torch.uint8)])
-        self._pending.append((self._isend(msg, dst), msg, dst))
-        self.bytes_sent += msg.numel()
-        self._reap()
-
-    def _isend(self, msg: torch.Tensor, dst: int):
         try:
-            return dist.isend(msg, dst)
+            work = dist.isend(msg, dst, group=self.group_for(kind))
         except Exception as e:  # the connection to a dead peer fails at once
             raise self.peer_error(dst, "send", e) from None
+        self._pending.append((work, msg, dst))
+        self.bytes_sent += msg.numel()
+        self._reap()
 
     def peer_error(self, peer: int, what: str, e: Exception) -> "PeerError":
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -143,16 +153,13 @@ class Comm:
         return PeerError(f"rank {self.rank}: lost rank {peer} ({what}): {msg}")
 
     def send_stop(self, dst: int, task: int, shape, dtype: torch.dtype) -> None:
-        """Tell ``dst`` the run stops before ``task`` (sized like the message it expects)."""
-        t = torch.zeros(shape, dtype=dtype, device=self.device)
-        h = self._header(KIND_STOP, task, t)
-        msg = torch.cat([h.view(torch.uint8), t.view(-1).view(torch.uint8)])
-        self._pending.append((self._isend(msg, dst), msg, dst))
+        """Tell ``dst`` the run stops before ``task`` (sized like the packet it expects)."""
+        self.send(torch.zeros(shape, dtype=dtype, device=self.device), dst, KIND_STOP, task)
 
-    def wait(self, work, peer: int, what: str) -> None:
+    def wait(self, work, peer: int, what: str, patient: bool = False) -> None:
         """Wait for one transfer with ``peer``, turning failure or silence into a PeerError naming it."""
         try:
-            work.wait(self.timeout)
+            work.wait(self.patient_timeout if patient else self.timeout)
         except Exception as e:  # gloo/nccl report a dead peer or a timeout as RuntimeError
             raise self.peer_error(peer, what, e) from None
 
@@ -161,11 +168,13 @@ class Comm:
         return Inbox(self, src, expected, depth)
 
     def _reap(self) -> None:
-        # A gloo send completes once the receiver has posted the matching receive,
-        # and reports completion only through wait(): wait for the oldest sends
-        # beyond the window. The engine keeps fewer tasks in flight than the
-        # window, so the oldest has always been received already and this never
-        # blocks for long (and never deadlocks the ring).
+        # Release finished sends (NCCL reports completion; gloo only through wait()),
+        # then wait for the oldest beyond the window. A send completes once the
+        # receiver has posted the matching receive; the engine keeps fewer tasks in
+        # flight than the window, so the oldest has always been received already and
+        # this never blocks for long (and never deadlocks the ring).
+        while self._pending and self._pending[0][0].is_completed():
+            self._pending.popleft()
         while len(self._pending) > self.send_window:
             work, _, dst = self._pending.popleft()
             self.wait(work, dst, "send")
@@ -224,11 +233,7 @@ class Comm:
         buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
         out = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(out, buf)
-        return [bytes(o[: int(s.item())].cpu().tolist()) for o, s in zip(out, sizes)]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        return [o[: int(s.item())].cpu().numpy().tobytes() for o, s in zip(out, sizes)]
 
     def close(self, abort: bool = False) -> None:
         """Leave the process group; ``abort`` skips waiting for sends a failed peer will never take."""
@@ -264,17 +269,20 @@ class Inbox:
             nbytes = HEADER_LEN * 8 + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             buf = torch.empty(nbytes, dtype=torch.uint8, device=self.comm.device)
             try:
-                work = dist.irecv(buf, self.src)
+                work = dist.irecv(buf, self.src, group=self.comm.group_for(kind))
             except Exception as e:
                 raise self.comm.peer_error(self.src, f"receive for task {task}", e) from None
             self._posted.append((work, buf, spec))
 
-    def next(self) -> torch.Tensor | None:
-        """The next expected message's payload, or None if the sender stopped the run here."""
+    def next(self, patient: bool = False) -> torch.Tensor | None:
+        """The next expected message's payload, or None if the sender stopped the run here.
+
+        ``patient`` allows the long timeout: the sender may be writing a checkpoint.
+        """
         if not self._posted:
             raise CommError(f"rank {self.comm.rank}: no further message expected from rank {self.src}")
         work, buf, (kind, task, shape, dtype) = self._posted.popleft()
-        self.comm.wait(work, self.src, f"waiting for task {task}")
+        self.comm.wait(work, self.src, f"waiting for task {task}", patient)
         h = buf[: HEADER_LEN * 8].view(torch.int64).tolist()
         got_kind, got_task, code, ndim = h[:4]
         got_shape = list(h[4 : 4 + ndim])

@@ -70,10 +70,9 @@ class Plan:
             context=lay.context, own=lay.own, extra=lay.extra, keep=lay.keep, height=self.lat_h, width=self.lat_w
         )
 
-    def packet_shape(self, task: sch.Task, dim: int) -> tuple[int, ...]:
+    def packet_shape(self, task: sch.Task, model) -> tuple[int, ...]:
         s = self.shape(task)
-        tpf = (self.lat_h // 2) * (self.lat_w // 2)
-        return (self.batch, s.frames * tpf + MOD_ROWS, dim)
+        return (self.batch, s.frames * model.tokens_per_frame(self.lat_h, self.lat_w) + MOD_ROWS, model.dim)
 
     def pred_shape(self, task: sch.Task, channels: int) -> tuple[int, ...]:
         return (1, channels, self.blocks[task.block].frames, self.lat_h, self.lat_w)
@@ -132,28 +131,30 @@ class Engine:
         it then tells the other ranks to stop at the same boundary.
         """
         if self.comm.is_first:
-            state = state or DenoiseState(self.cfg, self.plan, self.stage.model.out_channels)
+            state = state or DenoiseState(self.cfg, self.plan, self.stage.model.out_channels, self.comm.device)
             self.comm.broadcast_int(state.iteration)
             return self._run_first(state, writer, progress, keep_latents, checkpoint, checkpoint_every, should_stop)
-        return self._run_other(self.comm.broadcast_int(None))
+        return self._run_other(self.comm.broadcast_int(None), checkpoint_every)
 
-    def _run_other(self, start_iteration: int) -> RunStats:
+    def _run_other(self, start_iteration: int, checkpoint_every: int = 0) -> RunStats:
         comm, plan, st = self.comm, self.plan, RunStats()
         self.stage.cache.clear()
         model = self.stage.model
         tasks = [t for t in plan.tasks if t.iteration >= start_iteration]
-        inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, plan.packet_shape(t, model.dim), model.dtype) for t in tasks))
+        inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, plan.packet_shape(t, model), model.dtype) for t in tasks))
         t0 = time.perf_counter()
         for task in tasks:
             shape = plan.shape(task)
             tw = time.perf_counter()
+            # Rank 0 may be writing a checkpoint before the first task of this iteration.
+            slow = checkpoint_every and task.iteration % checkpoint_every == 0 and task.newer is None
             with self.trace.span("recv", "wait", task=task.index):
-                packet = inbox.next()
+                packet = inbox.next(patient=bool(slow))
             tc = time.perf_counter()
             st.wait_s += tc - tw
             if packet is None:  # rank 0 stopped the run at this iteration boundary
                 if not comm.is_last:
-                    comm.send_stop(comm.next, task.index, plan.packet_shape(task, model.dim), model.dtype)
+                    comm.send_stop(comm.next, task.index, plan.packet_shape(task, model), model.dtype)
                 st.stopped = True
                 break
             with self.trace.span(f"b{task.block} s{task.step}", "compute", task=task.index, iteration=task.iteration):
@@ -219,11 +220,11 @@ class Engine:
             if boundary and (stop or (checkpoint_every and task.iteration % checkpoint_every == 0)):
                 drain(task.index - 1)  # the iteration is complete on rank 0
                 state.iteration = task.iteration
+                if stop and comm.world > 1:  # release the other ranks before the (slow) checkpoint
+                    comm.send_stop(comm.next, task.index, plan.packet_shape(task, model), model.dtype)
                 if checkpoint is not None:
                     checkpoint(state)
                 if stop:
-                    if comm.world > 1:
-                        comm.send_stop(comm.next, task.index, plan.packet_shape(task, model.dim), model.dtype)
                     st.stopped = True
                     break
             shape = plan.shape(task)
@@ -241,10 +242,11 @@ class Engine:
                 with self.trace.span(f"step b{task.block} s{task.step}", "scheduler", task=task.index):
                     apply(task, pred)
                 applied = task.index
+                st.compute_s += time.perf_counter() - tc
             else:
+                st.compute_s += time.perf_counter() - tc
                 with self.trace.span("send", "send", task=task.index):
                     comm.send(packet, comm.next, KIND_PACKET, task.index)
-            st.compute_s += time.perf_counter() - tc
             st.tasks += 1
             if progress is not None:
                 progress.task_done(task)
@@ -265,10 +267,11 @@ class DenoiseState:
     noise pool (with its generator) are the rest.
     """
 
-    def __init__(self, cfg: Config, plan: Plan, channels: int):
+    def __init__(self, cfg: Config, plan: Plan, channels: int, device: torch.device | str = "cpu"):
         self.plan = plan
+        self.device = torch.device(device)
         self.num_cat = cfg.parallel.num_cat
-        self.template = loader.make_scheduler(cfg)
+        self.template = loader.make_scheduler(cfg, self.device)
         self.timesteps = self.template.timesteps
         self.noise = NoisePool(block=cfg.parallel.block, num_cat=cfg.parallel.num_cat, channels=channels,
                                height=plan.lat_h, width=plan.lat_w, seed=cfg.sampling.seed)
@@ -285,7 +288,8 @@ class DenoiseState:
         """The task's input latents: the older neighbour's last ``context`` frames, then the block's own."""
         b = task.block
         if task.step == 0:
-            self.latents[b] = self.noise.next_block(self.plan.blocks[b].frames)
+            # Noise comes from a CPU generator (identical on any device), then lives where the model runs.
+            self.latents[b] = self.noise.next_block(self.plan.blocks[b].frames).to(self.device)
             self.scheds[b] = copy.deepcopy(self.template)
         x = self.latents[b]
         if context:
@@ -319,23 +323,30 @@ class DenoiseState:
             "latents": pack({str(k): v for k, v in self.latents.items()}, "latents", tensors),
             "tails": pack({str(k): v for k, v in self.tails.items()}, "tails", tensors),
             "scheds": pack({str(k): scheduler_state(v) for k, v in self.scheds.items()}, "sched", tensors),
-            "noise_pool": pack(self.noise.pool, "noise.pool", tensors),
-            "noise_gen": pack(self.noise.gen.get_state(), "noise.gen", tensors),
+            "noise": pack(self.noise.state(), "noise", tensors),
         }
         return meta, tensors
 
     def load_checkpoint(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         from .resume import unpack
 
+        dev = self.device
         self.iteration = meta["iteration"]
         self.blocks_done = meta["blocks_done"]
-        self.latents = {int(k): v for k, v in unpack(meta["latents"], tensors).items()}
-        self.tails = {int(k): v for k, v in unpack(meta["tails"], tensors).items()}
+        self.latents = {int(k): v.to(dev) for k, v in unpack(meta["latents"], tensors).items()}
+        self.tails = {int(k): v.to(dev) for k, v in unpack(meta["tails"], tensors).items()}
         self.scheds = {}
         for k, attrs in unpack(meta["scheds"], tensors).items():
             s = copy.deepcopy(self.template)
             for name, value in attrs.items():
+                # scheduler tensors go back where the template keeps its own (sigmas stay on the CPU)
+                ref = getattr(self.template, name, None)
+                if isinstance(ref, torch.Tensor):
+                    value = value.to(ref.device)
+                elif isinstance(value, list):
+                    value = [v.to(dev) if isinstance(v, torch.Tensor) else v for v in value]
+                elif isinstance(value, torch.Tensor):
+                    value = value.to(dev)
                 setattr(s, name, value)
             self.scheds[int(k)] = s
-        self.noise.pool = unpack(meta["noise_pool"], tensors)
-        self.noise.gen.set_state(unpack(meta["noise_gen"], tensors))
+        self.noise.load_state(unpack(meta["noise"], tensors))

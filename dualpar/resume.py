@@ -24,7 +24,7 @@ FORMAT = 1
 
 
 class ResumeError(ValueError):
-    """The run cannot be resumed (printed as one line, exit status 2)."""
+    """The run cannot be resumed (checked before any model is built: one line, exit status 2)."""
 
 
 def pack(obj: Any, name: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -59,6 +59,25 @@ def scheduler_state(sched) -> dict:
 def save(out_dir: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
     data = save_safetensors(tensors, metadata={"format": str(FORMAT), "state": json.dumps(meta)})
     return atomic_write(out_dir, FILE, data)
+
+
+def read_meta(out_dir: str | Path) -> dict:
+    """The checkpoint's JSON part only (cheap: no tensor is read)."""
+    path = Path(out_dir) / FILE
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            md = f.metadata() or {}
+        if md.get("format") != str(FORMAT):
+            raise ResumeError(f"--resume {out_dir}: {FILE} has unknown format {md.get('format')!r}")
+        return json.loads(md["state"])
+    except ResumeError:
+        raise
+    except Exception as e:  # a torn or foreign file
+        raise ResumeError(f"--resume {out_dir}: cannot read {FILE}: {e}") from None
+
+
+def remove(out_dir: str | Path) -> None:
+    (Path(out_dir) / FILE).unlink(missing_ok=True)
 
 
 def load(out_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

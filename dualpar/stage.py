@@ -35,9 +35,6 @@ class FeatureCache:
     def clear(self) -> None:
         self._entries = [None] * len(self._entries)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for e in self._entries if e for t in e[2])
-
 
 class Stage:
     def __init__(self, model: WanSlice):

@@ -143,3 +143,18 @@ def test_sigterm_finalizes_and_resumes(root, tmp_path, uninterrupted, n):
     assert decoded_frames(out / "video.mp4") == 161
     got = latents(out)
     assert max((a - b).abs().max().item() for a, b in zip(got, uninterrupted)) <= 1e-5
+
+
+def test_stale_checkpoint_of_another_run_is_refused(root, tmp_path):
+    # A checkpoint left in the directory by an earlier run must never be continued
+    # under a new run's manifest: refused in one line, before anything is loaded.
+    out = tmp_path / "run"
+    p = start(root, 1, out)
+    wait_for(lambda: (out / "checkpoint.safetensors").is_file(), 300, "a checkpoint")
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    man = manifest(out)
+    man["created_at"] = "another run"
+    (out / "manifest.json").write_text(json.dumps(man))
+    res = subprocess.run(command(root, 1, ["--resume", str(out)]), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "belongs to another run" in res.stderr and "Traceback" not in res.stderr

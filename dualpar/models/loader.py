@@ -13,10 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import VAE_SPATIAL, Config, ConfigError  # noqa: F401  (VAE_SPATIAL re-exported)
 from .wan import WanSlice
-
-VAE_SPATIAL = 8
 
 _DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,9 +102,9 @@ def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         tok = AutoTokenizer.from_pretrained(cfg.model.path, subfolder="tokenizer")
-        enc = UMT5EncoderModel.from_pretrained(
-            cfg.model.path, subfolder="text_encoder", torch_dtype=torch_dtype(cfg.model.dtype)
-        )
+        # T5 activations overflow in float16: run the encoder in bfloat16 then.
+        dtype = torch.bfloat16 if cfg.model.dtype == "float16" else torch_dtype(cfg.model.dtype)
+        enc = UMT5EncoderModel.from_pretrained(cfg.model.path, subfolder="text_encoder", torch_dtype=dtype)
     else:
         from .tiny import tiny_text_encoder, tiny_tokenizer
 
@@ -139,7 +137,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_len: int) ->
     return out
 
 
-def make_scheduler(cfg: Config):
+def make_scheduler(cfg: Config, device: torch.device | str = "cpu"):
     """A scheduler with its timesteps set, as WanPipeline configures it.
 
     With ``model.path`` the folder's UniPC settings are used; ``flow_shift``
@@ -160,6 +158,6 @@ def make_scheduler(cfg: Config):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=s.flow_shift)
-    sched.set_timesteps(s.steps, device="cpu")
+    sched.set_timesteps(s.steps, device=device)
     sched.set_begin_index(0)
     return sched
