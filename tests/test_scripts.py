@@ -1,0 +1,33 @@
+"""The benchmark scripts run on a small case and write well-formed output (no timing assertions)."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def test_bench_small_case(root, tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench.py"), "--frames", "33",
+                          "--json", str(out), "--keep", str(tmp_path / "runs"), "--trace",
+                          "--config", os.path.join(root, "configs", "tiny.yaml")],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert row["frames"] == 33
+    for key in ("baseline", "blockwise_1", "pipelined_2"):
+        s = row[key]
+        assert s["loop_s"] > 0 and s["total_s"] >= s["loop_s"]
+        assert all(r["peak_rss_mb"] > 0 and 0.0 <= r["idle"] <= 1.0 for r in s["ranks"])
+    assert len(row["pipelined_2"]["ranks"]) == 2
+    assert "| pipelined-2 | 33 |" in res.stdout
+    assert (tmp_path / "runs" / "n2-33" / "trace.json").is_file()
+
+
+def test_bench_speedup_small_case(root):
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_speedup.py"), "--frames", "33",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [ln.split() for ln in res.stdout.splitlines() if ln.strip()[:1].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2"] and rows[0][2] == "1.00x"
