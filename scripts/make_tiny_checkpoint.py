@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from dualpar.models.tiny import TINY_TRANSFORMER, tiny_components  # noqa: E402
+from dualpar.models.tiny import TINY_TRANSFORMER, tiny_components, tiny_transformer  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,19 +72,6 @@ def layers_for_size(cfg: dict, target_mb: float, dtype: torch.dtype) -> int:
     return max(1, round((target_mb * 1e6 - rest) / (per_layer * itemsize)))
 
 
-def _random_transformer(cfg: dict, seed: int):
-    """Seeded like the tiny preset's transformer: default init plus small random biases."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(**cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.02)
-    return model.eval()
-
-
 def make_tiny_checkpoint(
     out_dir: str | Path,
     *,
@@ -118,7 +105,7 @@ def make_tiny_checkpoint(
         cfg = transformer_config(layers=layers, dim=dim, heads=heads, ffn_dim=ffn_dim)
         if target_mb is not None:
             cfg["num_layers"] = layers_for_size(cfg, target_mb, torch_dtype)
-        parts["transformer"] = _random_transformer(cfg, seed)
+        parts["transformer"] = tiny_transformer(seed, cfg)
     if torch_dtype != torch.float32:
         parts["transformer"].to(torch_dtype)
 

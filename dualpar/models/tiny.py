@@ -76,11 +76,12 @@ def tiny_text_encoder(seed: int, vocab_size: int):
     return UMT5EncoderModel(cfg).eval()
 
 
-def tiny_transformer(seed: int):
+def tiny_transformer(seed: int, config: dict | None = None):
+    """The preset's transformer (or one of another ``config``, initialised the same way)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(**TINY_TRANSFORMER)
+    model = WanTransformer3DModel(**(config or TINY_TRANSFORMER))
     # diffusers zero-initialises nothing here, but Wan checkpoints have
     # non-trivial biases; small random ones make every parameter matter.
     with torch.no_grad():
