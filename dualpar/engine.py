@@ -5,9 +5,9 @@ order. Rank 0 builds each block's input, embeds it and runs its layers; each
 following rank receives the packet, runs its layers and passes it on; the
 last rank applies the head and CFG and sends the noise prediction back to
 rank 0, which applies that block's scheduler step. Rank 0 only waits for a
-prediction when the next input depends on it (``Task.needs``), so up to a
-queue's worth of blocks is in flight around the ring. Finished blocks go to
-the output writer on rank 0 as soon as they are clean.
+prediction when the next input depends on it (``Task.needs``) or when
+``2 x world`` tasks are already in flight around the ring. Finished blocks go
+to the output writer on rank 0 as soon as they are clean.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class Engine:
         Rank 0 hands finished blocks to ``writer``. Every ``checkpoint_every``
         iterations, and when ``should_stop()`` turns true, rank 0 lets the ring
         drain at the iteration boundary and calls ``checkpoint(state)``; on a stop
-        it then tells the other ranks to stop at the same boundary.
+        it first tells the other ranks to stop at that boundary.
         """
         if self.comm.is_first:
             state = state or DenoiseState(self.cfg, self.plan, self.stage.model.out_channels, self.comm.device)
