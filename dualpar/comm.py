@@ -4,7 +4,7 @@ Every message is a fixed-size int64 header followed by the payload. The
 header carries the message kind, the task index it belongs to, the dtype and
 the shape, so a receiver allocates exactly what arrives and can check that it
 is the message its schedule expects. Sends are asynchronous (``isend``); the
-sender keeps each tensor alive until its send completes.
+sender keeps each tensor alive until its send is known to be complete.
 """
 
 from __future__ import annotations
