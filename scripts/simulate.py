@@ -1,0 +1,158 @@
+"""Discrete-event model of the pipelined block-wise schedule: wall time and idle fraction per rank.
+
+    python scripts/simulate.py --calibrate outputs/a/trace.json --config configs/tiny.yaml \\
+        --frames 513 --block 4 --num-cat 2 --ranks 2
+
+The model walks the same task list as the engine (dualpar.schedule.make_tasks):
+each rank runs its tasks in order; a task starts on rank r when rank r is free
+and the packet from rank r-1 has arrived (finish + latency + bytes/bandwidth);
+rank 0 also waits, as the engine does, for the predictions its next input
+needs (or when 2 x ranks tasks are in flight) and spends a scheduler step on
+each. Compute per task and rank is ``a + b*Nq + c*Nq*Nkv`` per layer (Nq query
+tokens, Nkv key tokens incl. the cached context) plus rank 0's embedding and
+the last rank's head, fitted by least squares to the compute spans of one
+traced run (``launch/gen.py --trace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dualpar import schedule as sch  # noqa: E402
+
+
+def task_tokens(task, blocks, num_cat, steps, tpf):
+    lay = sch.layout(task, blocks, num_cat, steps)
+    nq = (lay.context + lay.own) * tpf
+    return nq, nq + lay.extra * tpf
+
+
+def features(nq, nkv):
+    return [1.0, nq, nq * nkv]
+
+
+def calibrate(trace_path, plan_args):
+    """Per-layer cost coefficients, per-rank fixed costs, scheduler-step cost, from one traced run."""
+    blocks, tasks, num_cat, steps, tpf, layers = plan_args
+    events = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X"]
+    by_index = {t.index: t for t in tasks}
+    rows, ys = [], []
+    for e in events:
+        if e["cat"] != "compute":
+            continue
+        t = by_index[e["args"]["task"]]
+        nq, nkv = task_tokens(t, blocks, num_cat, steps, tpf)
+        n_layers = layers[e["pid"]][1] - layers[e["pid"]][0]
+        # per-layer features scaled by the rank's layer count, plus one fixed term per rank
+        row = [f * n_layers for f in features(nq, nkv)] + [1.0 if e["pid"] == r else 0.0 for r in range(len(layers))]
+        rows.append(row)
+        ys.append(e["dur"] / 1e6)
+    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
+    sched = [e["dur"] / 1e6 for e in events if e["cat"] == "scheduler"]
+    return {"layer": coef[:3].tolist(), "fixed": coef[3:].tolist(), "sched_s": float(np.median(sched))}
+
+
+def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=1e-3, bandwidth=2e9, packet_bytes_per_token=1024):
+    """Predicted loop wall time and idle fraction per rank."""
+    world = len(layers)
+    tasks = sch.make_tasks(len(blocks), steps)
+    in_flight = 2 * world
+    free = [0.0] * world
+    busy = [0.0] * world
+    arrive = {}  # (rank, task) -> time the packet is there
+    pred_at = {}  # task -> time its prediction reaches rank 0
+    applied = -1
+
+    def cost(rank, task):
+        nq, nkv = task_tokens(task, blocks, num_cat, steps, tpf)
+        n = layers[rank][1] - layers[rank][0]
+        fixed = model["fixed"][rank] if rank < len(model["fixed"]) else 0.0
+        return n * float(np.dot(model["layer"], features(nq, nkv))) + fixed
+
+    def hop(task):
+        nq, _ = task_tokens(task, blocks, num_cat, steps, tpf)
+        return latency_s + nq * packet_bytes_per_token / bandwidth
+
+    # Rank 0 drives the order; other ranks follow task by task.
+    order = []
+    for task in tasks:
+        need = max(task.needs, task.index - in_flight)
+        while applied < need:
+            j = applied + 1
+            t = max(free[0], pred_at[j]) if world > 1 else free[0]
+            free[0] = t + model["sched_s"]
+            busy[0] += model["sched_s"]
+            applied = j
+        start = free[0]
+        c = cost(0, task)
+        free[0] = start + c
+        busy[0] += c
+        t_done = free[0]
+        for r in range(1, world):
+            arr = t_done + hop(task)
+            start = max(free[r], arr)
+            c = cost(r, task)
+            free[r] = start + c
+            busy[r] += c
+            t_done = free[r]
+        if world > 1:
+            pred_at[task.index] = t_done + latency_s
+        else:
+            free[0] += model["sched_s"]
+            busy[0] += model["sched_s"]
+            applied = task.index
+        order.append(task.index)
+    while applied < len(tasks) - 1:
+        j = applied + 1
+        free[0] = max(free[0], pred_at[j]) + model["sched_s"]
+        busy[0] += model["sched_s"]
+        applied = j
+    wall = max(free)
+    return {"wall_s": wall, "idle": [1 - b / wall for b in busy]}
+
+
+def plan_for(frames, block, num_cat, steps, ranks, num_layers, hw):
+    latent = (frames - 1) // 4 + 1
+    blocks = sch.split_blocks(latent, block)
+    tpf = (hw // 8 // 2) ** 2
+    return blocks, sch.make_tasks(len(blocks), steps), num_cat, steps, tpf, sch.split_layers(num_layers, ranks)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--calibrate", required=True, help="trace.json of a measured run (launch/gen.py --trace)")
+    p.add_argument("--calib-frames", type=int, required=True)
+    p.add_argument("--calib-block", type=int, required=True)
+    p.add_argument("--calib-num-cat", type=int, required=True)
+    p.add_argument("--calib-ranks", type=int, required=True)
+    p.add_argument("--frames", type=int, required=True)
+    p.add_argument("--block", type=int, required=True)
+    p.add_argument("--num-cat", type=int, required=True)
+    p.add_argument("--ranks", type=int, required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hw", type=int, default=96, help="square frame size in pixels")
+    args = p.parse_args()
+    cal = plan_for(args.calib_frames, args.calib_block, args.calib_num_cat, args.steps, args.calib_ranks,
+                   args.layers, args.hw)
+    model = calibrate(args.calibrate, cal)
+    blocks, _, num_cat, steps, tpf, layers = plan_for(args.frames, args.block, args.num_cat, args.steps, args.ranks,
+                                                      args.layers, args.hw)
+    # Fixed per-rank costs transfer by role: first rank, middle ranks (none fitted: 0), last rank.
+    fixed = model["fixed"]
+    model = dict(model, fixed=[fixed[0]] + [0.0] * (args.ranks - 2) + [fixed[-1]] if args.ranks > 1
+                 else [fixed[0] + fixed[-1]])
+    out = simulate(blocks, steps, num_cat, tpf, layers, model)
+    print(json.dumps({"model": model, "prediction": out}))
+
+
+if __name__ == "__main__":
+    main()
