@@ -122,25 +122,73 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=1e-3, bandwid
 def plan_for(frames, block, num_cat, steps, ranks, num_layers, hw):
     latent = (frames - 1) // 4 + 1
     blocks = sch.split_blocks(latent, block)
-    tpf = (hw // 8 // 2) ** 2
+    h, w = (hw, hw) if isinstance(hw, int) else hw
+    tpf = (h // 8 // 2) * (w // 8 // 2)
     return blocks, sch.make_tasks(len(blocks), steps), num_cat, steps, tpf, sch.split_layers(num_layers, ranks)
+
+
+# Assumptions of the projection (stated, not measured): sustained bf16 throughput
+# at 40% of the dense peak, and the link between neighbouring GPUs.
+GPUS = {
+    "8x RTX 4090, PCIe (no P2P, via host)": dict(flops=0.4 * 165e12, bandwidth=12e9, latency_s=30e-6, mem_gb=24),
+    "8x H100 SXM, NVLink": dict(flops=0.4 * 989e12, bandwidth=300e9, latency_s=10e-6, mem_gb=80),
+}
+MODELS = {
+    "Wan2.1-1.3B 480x832": dict(layers=30, dim=1536, ffn=8960, hw=(480, 832), params=1.3e9),
+    "Wan2.1-14B 720x1280": dict(layers=40, dim=5120, ffn=13824, hw=(720, 1280), params=14e9),
+}
+
+
+def flops_model(dim, ffn, flops, batch=2, text_len=512):
+    """Per-layer cost coefficients from FLOPs: projections and FFN per token, attention per token pair."""
+    per_token = batch * (12 * dim * dim + 4 * dim * ffn + 4 * text_len * dim)
+    per_pair = batch * 4 * dim
+    return {"layer": [0.0, per_token / flops, per_pair / flops], "sched_s": 2e-3}
+
+
+def project(frames=1025, steps=50, num_cat=8):
+    """Projected wall time and per-rank memory for the real models on 8 GPUs."""
+    print(f"projection: {frames} frames, {steps} steps, num_cat {num_cat}, CFG, bf16\n")
+    print("| GPUs | model | ranks | block | wall s | speed-up vs 1 GPU | max idle | weights+cache GB/rank |")
+    print("|---|---|---|---|---|---|---|---|")
+    for gname, g in GPUS.items():
+        for mname, m in MODELS.items():
+            base = None
+            for ranks, block in ((1, 8), (8, 4), (8, 8), (8, 16)):
+                blocks, _, nc, st, tpf, layers = plan_for(frames, block, num_cat, steps, ranks, m["layers"], m["hw"])
+                model = dict(flops_model(m["dim"], m["ffn"], g["flops"]), fixed=[0.0] * ranks)
+                out = simulate(blocks, st, nc, tpf, layers, model, latency_s=g["latency_s"],
+                               bandwidth=g["bandwidth"], packet_bytes_per_token=2 * m["dim"] * 2)
+                base = base or out["wall_s"]
+                per_layer_params = m["params"] / m["layers"]
+                n = max(b - a for a, b in layers)
+                cache = n * 2 * num_cat * tpf * m["dim"] * 2 * 2  # K and V, CFG rows, bf16
+                mem = (n * per_layer_params * 2 + cache) / 1e9
+                print(f"| {gname} | {mname} | {ranks} | {block} | {out['wall_s']:.0f} | {base / out['wall_s']:.2f}x | "
+                      f"{max(out['idle']):.0%} | {mem:.1f} |")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--calibrate", required=True, help="trace.json of a measured run (launch/gen.py --trace)")
-    p.add_argument("--calib-frames", type=int, required=True)
-    p.add_argument("--calib-block", type=int, required=True)
-    p.add_argument("--calib-num-cat", type=int, required=True)
-    p.add_argument("--calib-ranks", type=int, required=True)
-    p.add_argument("--frames", type=int, required=True)
-    p.add_argument("--block", type=int, required=True)
-    p.add_argument("--num-cat", type=int, required=True)
-    p.add_argument("--ranks", type=int, required=True)
+    p.add_argument("--project", action="store_true", help="project Wan2.1 1.3B/14B at 1025 frames on 8 GPUs")
+    p.add_argument("--calibrate", help="trace.json of a measured run (launch/gen.py --trace)")
+    p.add_argument("--calib-frames", type=int)
+    p.add_argument("--calib-block", type=int)
+    p.add_argument("--calib-num-cat", type=int)
+    p.add_argument("--calib-ranks", type=int)
+    p.add_argument("--frames", type=int)
+    p.add_argument("--block", type=int)
+    p.add_argument("--num-cat", type=int)
+    p.add_argument("--ranks", type=int)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hw", type=int, default=96, help="square frame size in pixels")
     args = p.parse_args()
+    if args.project:
+        project()
+        return
+    if args.calibrate is None:
+        p.error("give --calibrate TRACE with the calibration and target settings, or --project")
     cal = plan_for(args.calib_frames, args.calib_block, args.calib_num_cat, args.steps, args.calib_ranks,
                    args.layers, args.hw)
     model = calibrate(args.calibrate, cal)

@@ -29,3 +29,14 @@ def test_two_balanced_ranks_approach_half_the_time(sim):
     blocks, _, num_cat, steps, tpf, layers = sim.plan_for(1025, 8, 4, 10, 2, 8, 96)
     two = sim.simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=0.0, bandwidth=float("inf"))
     assert 0.5 <= two["wall_s"] / one["wall_s"] < 0.56  # only the queue's ramp-up/down is lost
+
+
+def test_projection_runs(root):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "simulate.py"), "--project"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| 8x")]
+    assert len(rows) == 16 and all("x |" in r for r in rows)
