@@ -67,7 +67,6 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=1e-3, bandwid
     in_flight = 2 * world
     free = [0.0] * world
     busy = [0.0] * world
-    arrive = {}  # (rank, task) -> time the packet is there
     pred_at = {}  # task -> time its prediction reaches rank 0
     applied = -1
 
@@ -82,7 +81,6 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=1e-3, bandwid
         return latency_s + nq * packet_bytes_per_token / bandwidth
 
     # Rank 0 drives the order; other ranks follow task by task.
-    order = []
     for task in tasks:
         need = max(task.needs, task.index - in_flight)
         while applied < need:
@@ -109,7 +107,6 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=1e-3, bandwid
             free[0] += model["sched_s"]
             busy[0] += model["sched_s"]
             applied = task.index
-        order.append(task.index)
     while applied < len(tasks) - 1:
         j = applied + 1
         free[0] = max(free[0], pred_at[j]) + model["sched_s"]
