@@ -178,23 +178,29 @@ def config_for_resume(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def validated_config(args: argparse.Namespace, world: int) -> Config:
+    """The run's config from the command line (or the run being resumed), fully checked; no model is built."""
+    from .models.loader import check_model, num_layers
+
+    cfg = config_for_resume(args) if args.resume else config_from_args(args)
+    cfg.validate(world_size=world)
+    check_model(cfg)
+    cfg.validate(world_size=world, num_layers=num_layers(cfg))
+    if not cfg.output.out:
+        cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        cfg = config_for_resume(args) if args.resume else config_from_args(args)
-        from .models.loader import check_model, num_layers
-
-        cfg.validate(world_size=world)
-        check_model(cfg)
-        cfg.validate(world_size=world, num_layers=num_layers(cfg))
+        cfg = validated_config(args, world)
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         if args.device is not None:
             args.device = check_device(args.device)
-        if not cfg.output.out:
-            cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
         if rank == 0 and not args.resume:
             check_output_dir(cfg.output.out, args.overwrite)
     except ConfigError as e:

@@ -79,7 +79,7 @@ class Plan:
 
     def frames_of_block(self, b: int) -> int:
         blk = self.blocks[b]
-        return blk.frames * 4 - 3 if blk.start == 0 else blk.frames * 4
+        return sch.pixel_frames(blk.start, blk.frames)
 
 
 class Engine:

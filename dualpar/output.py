@@ -35,6 +35,8 @@ import torch
 from av.codec.context import Flags
 from safetensors.torch import save as save_safetensors
 
+from .schedule import pixel_frames
+
 __all__ = [
     "StreamingDecoder",
     "to_uint8_frames",
@@ -49,18 +51,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 # VAE decoding
 # --------------------------------------------------------------------------------------
-
-
-def pixel_frames(latent_start: int, latent_frames: int, temporal: int = 4) -> int:
-    """Number of pixel frames the latent frames ``[latent_start, latent_start + latent_frames)`` decode to.
-
-    The Wan VAE is causal in time: the video's first latent frame decodes to one frame,
-    every later one to ``temporal`` frames.
-    """
-    if latent_frames <= 0:
-        return 0
-    first = 1 if latent_start == 0 else 0
-    return first + temporal * (latent_frames - first)
 
 
 class StreamingDecoder:

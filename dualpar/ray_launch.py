@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from .cli import ConfigError, build_parser, config_for_resume, config_from_args, check_output_dir
+from .cli import ConfigError, build_parser, check_output_dir, validated_config
 
 OBJECT_STORE_BYTES = 128 * 2**20  # only small messages go through Ray: keep a local instance lean
 
@@ -100,14 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if n < 1:
             raise ConfigError(f"--world-size must be >= 1, got {n}")
-        cfg = config_for_resume(args) if args.resume else config_from_args(args)
-        from .models.loader import check_model, num_layers
-
-        cfg.validate(world_size=n)
-        check_model(cfg)
-        cfg.validate(world_size=n, num_layers=num_layers(cfg))
-        if not cfg.output.out:
-            cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
+        cfg = validated_config(args, n)
         prompts = read_prompts(args.prompts) if args.prompts else None
         if prompts and args.resume:
             raise ConfigError("--resume continues one run; it cannot be combined with --prompts")

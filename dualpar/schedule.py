@@ -40,6 +40,18 @@ def split_blocks(latent_frames: int, block: int) -> list[Block]:
     return blocks
 
 
+def pixel_frames(latent_start: int, latent_frames: int, temporal: int = 4) -> int:
+    """Frames that latent frames ``[latent_start, latent_start + latent_frames)`` decode to.
+
+    The Wan VAE is causal in time: the video's first latent frame decodes to one
+    frame, every later one to ``temporal`` frames.
+    """
+    if latent_frames <= 0:
+        return 0
+    first = 1 if latent_start == 0 else 0
+    return first + temporal * (latent_frames - first)
+
+
 @dataclass(frozen=True, slots=True)
 class Task:
     index: int
