@@ -15,15 +15,19 @@ _FLAGS = {
     "height": ("video.height", int, "frame height in pixels (multiple of 16)"),
     "width": ("video.width", int, "frame width in pixels (multiple of 16)"),
     "fps": ("video.fps", int, "frame rate of the MP4"),
-    "prompt": ("sampling.prompt", str, "text prompt"),
+    "prompt": ("sampling.prompt", str, "text prompt; causal mode also takes a schedule 'text | FRAME: text | ...'"),
     "negative_prompt": ("sampling.negative_prompt", str, "negative prompt for guidance"),
     "steps": ("sampling.steps", int, "denoising steps per block"),
     "scheduler": ("sampling.scheduler", str, "unipc or euler"),
     "flow_shift": ("sampling.flow_shift", float, "flow-matching timestep shift"),
     "guidance": ("sampling.guidance", float, "classifier-free guidance scale (<= 1: off)"),
     "seed": ("sampling.seed", int, "noise seed"),
+    "mode": ("sampling.mode", str, "bidirectional (block-wise DualParal) or causal (chunks with KV caches)"),
     "block": ("parallel.block", int, "latent frames per block"),
     "num_cat": ("parallel.num_cat", int, "context latent frames per neighbour"),
+    "chunk": ("causal.chunk", int, "causal mode: latent frames per chunk"),
+    "policy": ("causal.policy", str, "causal mode: KV selection (full, window, topk, focused)"),
+    "budget": ("causal.budget", float, "causal mode: frames attended per query frame (< 1: fraction of the video)"),
     "model": ("model.path", str, "local diffusers-format Wan2.1 T2V folder (default: the tiny preset)"),
     "transformer_file": ("model.transformer_file", str, "transformer weights in original Wan naming, replacing the folder's"),
     "dtype": ("model.dtype", str, "float32, bfloat16 or float16"),
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gen.py",
         description="Block-wise pipelined long-video generation (DualParal) over frame blocks and DiT layers.",
     )
-    p.add_argument("--config", help="YAML config file (sections: model, video, sampling, parallel, output)")
+    p.add_argument("--config", help="YAML config file (sections: model, video, sampling, parallel, causal, output)")
     for flag, (key, typ, help_) in _FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=f"{help_} [{key}]")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -156,6 +160,8 @@ def config_for_resume(args: argparse.Namespace) -> Config:
         raise ConfigError(f"--resume {args.resume}: cannot read the run's manifest.json ({e})") from None
     if manifest.get("status") == "complete":
         raise ConfigError(f"--resume {args.resume}: the run is already complete")
+    if base.sampling.mode == "causal":
+        raise ConfigError(f"--resume {args.resume}: causal runs take no checkpoints and cannot be resumed")
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise ConfigError("--resume continues the run in its own directory; drop --out")
     cfg = config_from_args(args, Config.from_dict(manifest["config"]))
@@ -230,10 +236,18 @@ class Job:
         self.rank = self.comm.rank
         self.stop_signal: list[int] = []
         self.trace = Trace(self.rank, enabled=trace)
-        self.engine = Engine(cfg, self.comm, self.trace)
+        self.causal = cfg.sampling.mode == "causal"
+        if self.causal:
+            from .causal import CausalEngine
+
+            self.engine = CausalEngine(cfg, self.comm, self.trace)
+            what = (f"{len(self.engine.plan.blocks)} chunks x {self.engine.plan.steps} steps + commit, "
+                    f"{cfg.causal.schedule}, KV policy {cfg.causal.policy}")
+        else:
+            self.engine = Engine(cfg, self.comm, self.trace)
+            what = f"{len(self.engine.plan.blocks)} blocks x {cfg.sampling.steps} steps"
         first, last = self.engine.plan.layers[self.rank]
-        log(self.rank, f"layers [{first}, {last}) of {self.engine.plan.layers[-1][1]} on {self.comm.device}; "
-                       f"{len(self.engine.plan.blocks)} blocks x {cfg.sampling.steps} steps")
+        log(self.rank, f"layers [{first}, {last}) of {self.engine.plan.layers[-1][1]} on {self.comm.device}; {what}")
         self.vae = None
 
     def install_signal_handlers(self) -> None:
@@ -284,7 +298,8 @@ class Job:
                 common = dict(vae=self.vae if cfg.output.decode else None, background=True,
                               queue_blocks=cfg.output.queue_blocks, decode=cfg.output.decode,
                               save_latents=cfg.output.save_latents)
-                state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels)
+                if not self.causal:
+                    state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels)
                 if resume_run:
                     meta, tensors = resume.load(out)
                     state.load_checkpoint(meta["engine"], tensors)
@@ -297,13 +312,14 @@ class Job:
                                        fps=cfg.video.fps, gop=engine.plan.frames_of_block(len(engine.plan.blocks) - 1),
                                        **common)
 
-                def checkpoint(st) -> None:
+                def save_checkpoint(st) -> None:
                     wmeta, wtensors = writer.writer_state()  # waits for the queued blocks first
                     emeta, etensors = st.to_checkpoint()
                     tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
                     resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict(),
                                       "run_id": writer.manifest["created_at"]}, tensors)
 
+                checkpoint = None if self.causal else save_checkpoint
                 writer.trace = self.trace
                 if cfg.output.progress:
                     progress = Progress(engine.plan)
@@ -315,7 +331,10 @@ class Job:
             if stats.stopped:
                 signum = self.stop_signal[0] if self.stop_signal else signal.SIGTERM
                 name = signal.Signals(signum).name
-                if writer is not None:
+                if writer is not None and self.causal:
+                    writer.finish(complete=False, reason=f"stopped by {name}")
+                    log(0, f"stopped by {name}; the chunks finished so far are in {out}")
+                elif writer is not None:
                     writer.finish(complete=False, reason=f"stopped by {name}; continue with --resume {out}")
                     log(0, f"stopped by {name} at iteration {state.iteration}; checkpoint saved. "
                            f"Continue with: launch/gen.py --resume {out}")
@@ -338,7 +357,7 @@ class Job:
                     log(rank, f"output writer: {we}")
             raise
         loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent), peak_rss_mb(),
-                                   peak_cuda_mb()])
+                                   peak_cuda_mb(), float(stats.cache_bytes)])
         if self.trace.enabled:
             self._write_trace(out)
         if rank == 0:
@@ -361,14 +380,17 @@ class Job:
         out, frames = cfg.output.out, cfg.video.frames
         per_rank = [
             {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent),
-             "peak_rss_mb": rss, "peak_cuda_mb": cuda}
-            for r, (wall, comp, wait, sent, rss, cuda) in enumerate(loop)
+             "peak_rss_mb": rss, "peak_cuda_mb": cuda, "kv_cache_mb": kv / 2**20}
+            for r, (wall, comp, wait, sent, rss, cuda, kv) in enumerate(loop)
         ]
         for r in per_rank:
             log(0, f"rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
                    f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB, peak RSS {r['peak_rss_mb']:.0f} MB")
         write_stats(out, {"world_size": self.comm.world, "frames": frames, "total_s": total,
                           "loop_s": max(r["loop_s"] for r in per_rank), "ranks": per_rank})
+        if cfg.sampling.mode == "causal":
+            log(0, f"KV caches: {sum(r['kv_cache_mb'] for r in per_rank):.1f} MB over all ranks "
+                   f"(policy {cfg.causal.policy})")
         log(0, f"done: {frames} frames in {total:.1f} s ({frames / total:.1f} frames/s end to end; "
                f"denoising loop {max(r['loop_s'] for r in per_rank):.1f} s) -> "
                f"{os.path.join(out, 'video.mp4' if cfg.output.decode else 'latents')}")

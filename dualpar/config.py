@@ -2,7 +2,7 @@
 
 All checks live here, so bad input is rejected before any model is built.
 A config file has one section per dataclass below (``model``, ``video``,
-``sampling``, ``parallel``, ``output``); every key is optional.
+``sampling``, ``parallel``, ``causal``, ``output``); every key is optional.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("unipc", "euler")
+MODES = ("bidirectional", "causal")
+CAUSAL_POLICIES = ("full", "window", "topk", "focused")
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
 VAE_SPATIAL = 8
 
@@ -81,6 +83,9 @@ class SamplingConfig:
     """Classifier-free guidance scale; <= 1 disables guidance (one batch row instead of two)."""
     seed: int = 0
     """Seed of the shared noise pool and its permutations."""
+    mode: str = "bidirectional"
+    """``bidirectional`` (block-wise DualParal schedule) or ``causal`` (chunk-by-chunk with KV caches,
+    settings in the ``causal`` section)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -91,6 +96,42 @@ class ParallelConfig:
     """Context latent frames borrowed from each neighbour block (paper: 8); 0 disables context."""
     timeout_s: float = 120.0
     """Longest wait for a peer's message while generating; past it the run fails, naming the peer."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CausalConfig:
+    chunk: int = 3
+    """Latent frames generated per chunk (Self-Forcing, LongLive: 3). The first chunk takes the leftover."""
+    timesteps: str = "1000,750,500,250"
+    """Comma-separated denoising timesteps per chunk (before the shift), highest first."""
+    shift: float = 5.0
+    """Timestep shift: sigma = shift*s / (1 + (shift-1)*s) with s = t/1000 (Self-Forcing: 5)."""
+    sampler: str = "reinject"
+    """``reinject``: predict x0, re-noise it to the next timestep with fresh noise (Self-Forcing);
+    ``euler``: a deterministic flow-matching Euler step."""
+    schedule: str = "staggered"
+    """``sequential``: one chunk at a time (all steps, then commit); ``staggered``: a new chunk enters
+    every iteration, so up to steps+1 chunks are in flight and N ranks stay busy."""
+    policy: str = "full"
+    """Committed frames each query frame attends to: ``full``, ``window`` (sliding window + sink),
+    ``topk`` (attention top-k) or ``focused`` (Focused Forcing)."""
+    budget: float = 0.25
+    """Frames attended per query frame (>= 1: frames; < 1: fraction of the video's latent frames);
+    ignored by ``full``."""
+    sink: int = 3
+    """First latent frames pinned in the cache (attended by ``window``; never evicted by the others)."""
+    pool: int = 0
+    """Frames ``topk``/``focused`` keep to choose from (0: 1.5 x budget); bounds their memory."""
+    sample: int = 16
+    """Queries per frame sampled to score history frames (``topk``, ``focused``)."""
+    diversity: float = 0.3
+    """Weight of redundancy against relevance in ``focused`` selection, in [0, 1)."""
+    rope: str = "absolute"
+    """``absolute`` frame positions (Wan's 1024-position table bounds the video to 1024 latent frames)
+    or ``rebase`` (positions shifted back once the video passes the table)."""
+
+    def timestep_list(self) -> list[int]:
+        return [int(t) for t in self.timesteps.split(",") if t.strip()]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -119,6 +160,8 @@ class Config:
     """Prompt, steps, scheduler, guidance, seed."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Block size and context size of the block-wise schedule."""
+    causal: CausalConfig = field(default_factory=CausalConfig)
+    """Chunks, timesteps and KV-cache policy of the causal mode."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where and what to write."""
 
@@ -225,10 +268,66 @@ class Config:
             )
         if not 1.0 <= p.timeout_s <= 86400.0:
             raise ConfigError(f"parallel.timeout_s must be in [1, 86400], got {p.timeout_s}")
+        self._validate_causal()
         if self.output.checkpoint_every < 0:
             raise ConfigError(f"output.checkpoint_every must be >= 0, got {self.output.checkpoint_every}")
         if not 1 <= self.output.queue_blocks <= 1024:
             raise ConfigError(f"output.queue_blocks must be in [1, 1024], got {self.output.queue_blocks}")
+
+    def _validate_causal(self) -> None:
+        s, c, lat = self.sampling, self.causal, self.video.latent_frames
+        if s.mode not in MODES:
+            raise ConfigError(f"sampling.mode must be one of {MODES}, got '{s.mode}'")
+        schedule = prompt_schedule(s.prompt, self.video.frames)
+        if s.mode != "causal":
+            if len(schedule) > 1:
+                raise ConfigError("a prompt schedule ('text | FRAME: text') needs --mode causal")
+            return
+        if c.chunk < 1 or c.chunk > lat:
+            raise ConfigError(f"causal.chunk must be in [1, {lat}] (the video's latent frames), got {c.chunk}")
+        try:
+            ts = c.timestep_list()
+        except ValueError:
+            raise ConfigError(f"causal.timesteps must be comma-separated integers, got '{c.timesteps}'") from None
+        if not ts or any(not 0 < t <= 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ConfigError(f"causal.timesteps must be decreasing integers in (0, 1000], got '{c.timesteps}'")
+        if not 0.0 < c.shift <= 100.0:
+            raise ConfigError(f"causal.shift must be in (0, 100], got {c.shift}")
+        for key, val, allowed in (("sampler", c.sampler, ("reinject", "euler")),
+                                  ("schedule", c.schedule, ("sequential", "staggered")),
+                                  ("policy", c.policy, CAUSAL_POLICIES), ("rope", c.rope, ("absolute", "rebase"))):
+            if val not in allowed:
+                raise ConfigError(f"causal.{key} must be one of {allowed}, got '{val}'")
+        if c.budget <= 0 or (c.budget >= 1 and c.budget != int(c.budget)):
+            raise ConfigError(f"causal.budget must be a fraction in (0, 1) or a whole number of frames, got {c.budget}")
+        if c.sink < 0 or c.pool < 0 or c.sample < 1:
+            raise ConfigError("causal.sink and causal.pool must be >= 0 and causal.sample >= 1")
+        if not 0.0 <= c.diversity < 1.0:
+            raise ConfigError(f"causal.diversity must be in [0, 1), got {c.diversity}")
+        if c.rope == "absolute" and lat > 1024:
+            raise ConfigError(f"{lat} latent frames pass RoPE's 1024 positions; set causal.rope=rebase")
+
+
+def prompt_schedule(prompt: str, frames: int) -> list[tuple[int, str]]:
+    """``'text A | 240: text B'`` -> ``[(0, 'text A'), (240, 'text B')]``: prompts by starting output frame.
+
+    A plain prompt is a schedule of one entry.
+    """
+    parts = [p.strip() for p in prompt.split("|")]
+    if len(parts) == 1:
+        return [(0, prompt)]
+    out = [(0, parts[0])]
+    for part in parts[1:]:
+        head, colon, text = part.partition(":")
+        if not colon or not head.strip().isdigit() or not text.strip():
+            raise ConfigError(f"prompt schedule: expected 'FRAME: text' after '|', got '{part}'")
+        start = int(head)
+        if start <= out[-1][0] or start >= frames:
+            raise ConfigError(f"prompt schedule: start frame {start} must increase and be < {frames} frames")
+        out.append((start, text.strip()))
+    if not out[0][1]:
+        raise ConfigError("prompt schedule: the first prompt is empty")
+    return out
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
@@ -238,6 +337,7 @@ for _sec, _cls in (
     ("video", VideoConfig),
     ("sampling", SamplingConfig),
     ("parallel", ParallelConfig),
+    ("causal", CausalConfig),
     ("output", OutputConfig),
 ):
     for _f in dataclasses.fields(_cls):

@@ -48,6 +48,8 @@ class RunStats:
     """The run stopped early at an iteration boundary (a checkpoint was taken)."""
     peak_live_blocks: int = 0
     """Most block latents rank 0 held at once (queued blocks + context tail): bounded by ``steps + 1``."""
+    cache_bytes: int = 0
+    """Bytes held by this rank's KV caches (causal mode)."""
     blocks: list[torch.Tensor] = field(default_factory=list)
     """Finished block latents (rank 0, only when ``keep_latents``)."""
 
@@ -59,6 +61,7 @@ class Plan:
         self.cfg = cfg
         self.blocks = sch.split_blocks(cfg.video.latent_frames, cfg.parallel.block)
         self.tasks = sch.make_tasks(len(self.blocks), cfg.sampling.steps)
+        self.num_iterations = sch.num_iterations(len(self.blocks), cfg.sampling.steps)
         self.layers = sch.split_layers(num_layers, world)
         self.lat_h = cfg.video.height // loader.VAE_SPATIAL
         self.lat_w = cfg.video.width // loader.VAE_SPATIAL

@@ -6,8 +6,6 @@ import sys
 
 from tqdm import tqdm
 
-from .schedule import num_iterations
-
 
 class Progress:
     def __init__(self, plan):
@@ -41,7 +39,7 @@ class Progress:
         self._postfix()
 
     def _postfix(self) -> None:
-        n_it = num_iterations(len(self.plan.blocks), self.plan.cfg.sampling.steps)
+        n_it = self.plan.num_iterations
         self.bar.set_postfix_str(
             f"iter {self.iteration + 1}/{n_it} blocks {self.blocks_done}/{len(self.plan.blocks)} "
             f"frames {self.frames_done}/{self.plan.cfg.video.frames}",

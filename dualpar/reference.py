@@ -74,3 +74,69 @@ def serial_reference(cfg: Config, model: WanSlice, text: torch.Tensor) -> list[t
             if step[b] == steps:
                 done[b] = live.pop(b)
     return [done[b] for b in range(nb)]
+
+
+class _BlockCausal:
+    """Wraps a Wan self-attention processor to apply a fixed boolean mask (True = may attend)."""
+
+    def __init__(self, inner, mask: torch.Tensor):
+        self.inner, self.mask = inner, mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.inner(attn, hidden_states, encoder_hidden_states, self.mask, rotary_emb)
+
+
+@torch.no_grad()
+def causal_reference(cfg: Config, transformer, prompt_states: torch.Tensor) -> list[torch.Tensor]:
+    """The sequential causal schedule computed without any KV cache: every pass of every chunk
+    re-runs diffusers' own ``WanTransformer3DModel.forward`` over the whole history.
+
+    The input is ``[clean latents of all earlier chunks] + [this chunk]`` with
+    per-token timesteps (0 for the history), and every self-attention gets a
+    block-causal mask (a chunk's tokens see their own chunk and earlier ones).
+    ``prompt_states`` are the text-encoder states [B, S, d] (B = 2 with
+    guidance: cond, uncond). Returns each chunk's clean latents.
+    """
+    from .causal import chunk_noise, sigmas
+
+    h, w = cfg.video.height // loader.VAE_SPATIAL, cfg.video.width // loader.VAE_SPATIAL
+    chunks = split_blocks(cfg.video.latent_frames, cfg.causal.chunk)
+    sig = sigmas(cfg)
+    channels = transformer.config.in_channels
+    p = transformer.config.patch_size
+    tpf = (h // p[1]) * (w // p[2])
+    batch = prompt_states.shape[0]
+    inner = [blk.attn1.processor for blk in transformer.blocks]
+    clean: list[torch.Tensor] = []
+    try:
+        for c, chunk in enumerate(chunks):
+            # chunk id of every token of [history + this chunk]
+            ids = torch.cat([torch.full((b.frames * tpf,), i) for i, b in enumerate(chunks[: c + 1])])
+            mask = (ids[None, :] <= ids[:, None])[None, None]
+            for blk, proc in zip(transformer.blocks, inner):
+                blk.attn1.set_processor(_BlockCausal(proc, mask))
+            hist = torch.cat(clean, dim=2) if clean else None
+            shape = (1, channels, chunk.frames, h, w)
+            x = chunk_noise(cfg.sampling.seed, c, 0, shape)
+
+            def predict(latents: torch.Tensor, t: float) -> torch.Tensor:
+                full = torch.cat([hist, latents], dim=2) if hist is not None else latents
+                n_hist = full.shape[2] - chunk.frames
+                ts = torch.cat([torch.zeros(n_hist * tpf), torch.full((chunk.frames * tpf,), t)])
+                out = transformer(full.expand(batch, -1, -1, -1, -1), ts[None].expand(batch, -1), prompt_states,
+                                  return_dict=False)[0][:, :, n_hist:].float()
+                return out[1:] + cfg.sampling.guidance * (out[:1] - out[1:]) if batch == 2 else out
+
+            for s, sigma in enumerate(sig):
+                v = predict(x, sigma * 1000.0)
+                x0 = x - sigma * v
+                if s + 1 < len(sig):
+                    if cfg.causal.sampler == "euler":
+                        x = x + (sig[s + 1] - sigma) * v
+                    else:
+                        x = (1 - sig[s + 1]) * x0 + sig[s + 1] * chunk_noise(cfg.sampling.seed, c, s + 1, shape)
+            clean.append(x0)
+    finally:
+        for blk, proc in zip(transformer.blocks, inner):
+            blk.attn1.set_processor(proc)
+    return clean

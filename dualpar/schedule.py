@@ -152,3 +152,57 @@ def split_layers(num_layers: int, world: int) -> list[tuple[int, int]]:
         ranges.append((start, start + s))
         start += s
     return ranges
+
+
+# -- causal (autoregressive) mode --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CausalTask:
+    index: int
+    """Position in the global processing order."""
+    iteration: int
+    """Iteration the task belongs to (in the sequential schedule: the chunk)."""
+    chunk: int
+    """Chunk being processed."""
+    step: int
+    """Denoising step (``steps`` for the commit pass)."""
+    commit: bool
+    """The pass on the chunk's clean latents at t = 0 that writes its K/V to the caches."""
+    needs: int
+    """Index of the task whose prediction must be applied before this input is built (-1: none)."""
+    pending: bool
+    """Younger chunks of the same iteration attend to this pass's K/V (staggered only)."""
+
+
+def make_causal_tasks(num_chunks: int, steps: int, staggered: bool) -> list[CausalTask]:
+    """All passes of a causal run, in processing order.
+
+    Sequential: each chunk gets all its steps, then its commit pass, then the
+    next chunk starts (what Self-Forcing and LongLive compute). Staggered:
+    chunk ``c`` enters in iteration ``c`` and receives step ``s`` in iteration
+    ``c + s`` (the commit in ``c + steps``); within an iteration chunks go
+    oldest first, so each attends to the current K/V of the older chunks still
+    in flight, and a commit reaches the caches before the younger chunks read them.
+    """
+    if num_chunks < 1 or steps < 1:
+        raise ValueError("need at least one chunk and one step")
+    tasks: list[CausalTask] = []
+    where: dict[tuple[int, int], int] = {}
+
+    def add(it: int, c: int, s: int, pending: bool) -> None:
+        t = CausalTask(index=len(tasks), iteration=it, chunk=c, step=s, commit=s == steps,
+                       needs=where.get((c, s - 1), -1), pending=pending)
+        where[(c, s)] = t.index
+        tasks.append(t)
+
+    if staggered:
+        for it in range(num_chunks + steps):
+            oldest, newest = max(0, it - steps), min(it, num_chunks - 1)
+            for c in range(oldest, newest + 1):
+                add(it, c, it - c, pending=(it - c < steps and c < newest))
+    else:
+        for c in range(num_chunks):
+            for s in range(steps + 1):
+                add(c, c, s, pending=False)
+    return tasks

@@ -1,0 +1,335 @@
+"""Causal (autoregressive) generation: chunks of latent frames over the ring, with KV caches.
+
+Each chunk is denoised in a few steps (e.g. Self-Forcing's [1000, 750, 500,
+250] warped with shift 5) and then run once more on its clean latents at
+t = 0, the *commit* pass, which writes its K/V into every layer's
+:class:`kv_cache.KVStore`. Layers are split over ranks as in the
+bidirectional mode; each rank keeps the caches of its own layers only. The
+staggered schedule keeps up to ``steps + 1`` chunks in flight so the ring
+stays busy; the sequential one runs one chunk at a time (see
+:func:`schedule.make_causal_tasks`). Every pass, commits included, comes back
+to rank 0 as a prediction (a commit's is dropped), so flow control is the same
+as in :mod:`engine`.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import torch
+
+from kv_cache import KVStore, make_policy
+from . import schedule as sch
+from .comm import KIND_PACKET, KIND_PRED, Comm
+from .config import Config, prompt_schedule
+from .engine import RunStats
+from .models import loader
+from .models.causal_wan import CausalWan, ChunkShape, LayerCache
+from .models.wan import MOD_ROWS
+from .trace import Trace
+
+
+def sigmas(cfg: Config) -> list[float]:
+    """The run's noise levels: ``timesteps / 1000`` warped by the shift (descending)."""
+    c = cfg.causal
+    out = []
+    for t in c.timestep_list():
+        s = t / 1000.0
+        out.append(c.shift * s / (1 + (c.shift - 1) * s))
+    return out
+
+
+def chunk_noise(seed: int, chunk: int, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Gaussian noise for ``chunk`` at ``step`` (step 0: its initial noise), from a CPU generator."""
+    mixed = (seed * 6364136223846793005 + chunk * 1442695040888963407 + step * 2862933555777941757 + 1) % 2**63
+    g = torch.Generator().manual_seed(mixed)
+    return torch.randn(shape, generator=g, dtype=torch.float32)
+
+
+class CausalPlan:
+    """The causal run's geometry, derived identically on every rank."""
+
+    def __init__(self, cfg: Config, world: int, num_layers: int):
+        c = cfg.causal
+        self.cfg = cfg
+        self.blocks = sch.split_blocks(cfg.video.latent_frames, c.chunk)  # the chunks
+        self.steps = len(c.timestep_list())
+        self.tasks = sch.make_causal_tasks(len(self.blocks), self.steps, staggered=c.schedule == "staggered")
+        self.num_iterations = self.tasks[-1].iteration + 1
+        self.layers = sch.split_layers(num_layers, world)
+        self.lat_h = cfg.video.height // loader.VAE_SPATIAL
+        self.lat_w = cfg.video.width // loader.VAE_SPATIAL
+        self.batch = 2 if cfg.sampling.guidance > 1.0 else 1
+        self.prompts = prompt_schedule(cfg.sampling.prompt, cfg.video.frames)
+        # A chunk uses the last prompt that starts at or before its first output frame.
+        self.prompt_of = []
+        for blk in self.blocks:
+            first_frame = sch.pixel_frames(0, blk.start)
+            self.prompt_of.append(max(i for i, (start, _) in enumerate(self.prompts) if start <= first_frame))
+
+    def shape(self, task: sch.CausalTask) -> ChunkShape:
+        blk = self.blocks[task.chunk]
+        return ChunkShape(start=blk.start, frames=blk.frames, height=self.lat_h, width=self.lat_w,
+                          commit=task.commit, prompt=self.prompt_of[task.chunk], pending=task.pending)
+
+    def oldest_prompt(self, task: sch.CausalTask) -> int:
+        """The earliest prompt any chunk in flight at ``task`` still uses."""
+        oldest = task.chunk if self.cfg.causal.schedule == "sequential" else max(0, task.iteration - self.steps)
+        return self.prompt_of[oldest]
+
+    def packet_shape(self, task: sch.CausalTask, dim: int, tokens_per_frame: int) -> tuple[int, ...]:
+        f = self.blocks[task.chunk].frames
+        return (self.batch, f * tokens_per_frame + MOD_ROWS * f, dim)
+
+    def pred_shape(self, task: sch.CausalTask, channels: int) -> tuple[int, ...]:
+        return (1, channels, self.blocks[task.chunk].frames, self.lat_h, self.lat_w)
+
+    def frames_of_block(self, b: int) -> int:
+        blk = self.blocks[b]
+        return sch.pixel_frames(blk.start, blk.frames)
+
+
+class CausalStage:
+    """A rank's causal layers and the KV caches of those layers (one store per owned layer)."""
+
+    def __init__(self, model: CausalWan):
+        self.model = model
+        self.caches: list[LayerCache] = []
+        self._iteration = None
+
+    def reset(self, cfg: Config, batch: int, height: int, width: int) -> None:
+        """Fresh, empty caches for a new video (memory is allocated here, once)."""
+        m, c = self.model.m, cfg.causal
+        total = cfg.video.latent_frames
+        policy = make_policy(c.policy, budget=c.budget, total_frames=total, sink=c.sink, pool=c.pool,
+                             sample=c.sample, diversity=c.diversity)
+        cap = policy.capacity(total)
+        sink = min(policy.sink, cap - 1)
+        head_dim = m.dim // m.heads
+        self.caches = [LayerCache(KVStore(cap, batch=batch, tokens=m.tokens_per_frame(height, width), heads=m.heads,
+                                          head_dim=head_dim, dtype=m.dtype, device=m.device, sink=sink), policy)
+                       for _ in m.layers]
+        self._iteration = None
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)
+
+    def run(self, packet: torch.Tensor, task: sch.CausalTask, shape: ChunkShape) -> torch.Tensor:
+        if task.iteration != self._iteration:  # in-flight K/V live for one iteration
+            for c in self.caches:
+                c.pending.clear()
+            self._iteration = task.iteration
+        return self.model.forward_layers(packet, shape, self.caches)
+
+
+class CausalState:
+    """Rank 0's latents between passes and the sampler."""
+
+    def __init__(self, cfg: Config, plan: CausalPlan, channels: int, device: torch.device):
+        self.cfg, self.plan, self.device = cfg, plan, device
+        self.sigmas = sigmas(cfg)
+        self.channels = channels
+        self.noisy: dict[int, torch.Tensor] = {}
+        self.clean: dict[int, torch.Tensor] = {}
+        self.blocks_done = 0
+
+    def _noise(self, chunk: int, step: int) -> torch.Tensor:
+        f = self.plan.blocks[chunk].frames
+        shape = (1, self.channels, f, self.plan.lat_h, self.plan.lat_w)
+        return chunk_noise(self.cfg.sampling.seed, chunk, step, shape).to(self.device)
+
+    def input(self, task: sch.CausalTask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pass's latents and per-frame timesteps."""
+        f = self.plan.blocks[task.chunk].frames
+        if task.commit:
+            return self.clean.pop(task.chunk), torch.zeros(f, device=self.device)
+        if task.step == 0:
+            self.noisy[task.chunk] = self._noise(task.chunk, 0)
+        t = torch.full((f,), self.sigmas[task.step] * 1000.0, device=self.device)
+        return self.noisy[task.chunk], t
+
+    def apply(self, task: sch.CausalTask, pred: torch.Tensor) -> torch.Tensor | None:
+        """Sampler step for a denoising pass; returns the chunk's clean latents after its last step."""
+        if task.commit:
+            return None
+        c, s = task.chunk, task.step
+        x = self.noisy[c]
+        sigma = self.sigmas[s]
+        x0 = x - sigma * pred  # flow prediction: v = noise - x0
+        if s + 1 < len(self.sigmas):
+            nxt = self.sigmas[s + 1]
+            if self.cfg.causal.sampler == "euler":
+                self.noisy[c] = x + (nxt - sigma) * pred
+            else:
+                self.noisy[c] = (1 - nxt) * x0 + nxt * self._noise(c, s + 1)
+            return None
+        del self.noisy[c]
+        self.clean[c] = x0
+        self.blocks_done += 1
+        return x0
+
+
+class CausalEngine:
+    """One rank of a causal run. Build once (weights stay loaded), then :meth:`generate`."""
+
+    def __init__(self, cfg: Config, comm: Comm, trace: Trace | None = None):
+        self.cfg, self.comm = cfg, comm
+        self.trace = trace or Trace(comm.rank, enabled=False)
+        self.plan = CausalPlan(cfg, comm.world, loader.num_layers(cfg))
+        first, last = self.plan.layers[comm.rank]
+        self.stage = CausalStage(CausalWan(loader.load_slice(cfg, first, last, comm.device), rope=cfg.causal.rope))
+        self.in_flight = 2 * comm.world
+        comm.send_window = self.in_flight + 1
+
+    @property
+    def model(self):
+        return self.stage.model.m
+
+    @torch.no_grad()
+    def set_prompt(self, prompt: str, negative: str) -> None:
+        """Encode every prompt of the schedule on rank 0; every rank gets their projected text."""
+        plan, comm = self.plan, self.comm
+        texts = None
+        if comm.is_first:
+            prompts = [text for _, text in prompt_schedule(prompt, self.cfg.video.frames)]
+            tokenizer, encoder = loader.load_text_encoder(self.cfg, comm.device)
+            states = loader.encode_prompts(tokenizer, encoder, prompts + [negative], self.cfg.model.text_len)
+            del tokenizer, encoder
+            gc.collect()
+            if comm.device.type == "cuda":
+                torch.cuda.empty_cache()
+            ctx = self.model.text_context(states)  # [P + 1, S, dim]
+            rows = [torch.stack([ctx[i], ctx[-1]]) if plan.batch == 2 else ctx[i : i + 1] for i in range(len(prompts))]
+            texts = torch.stack(rows)
+        texts = comm.broadcast(texts, src=0)
+        self.stage.model.set_texts([t.to(self.model.device) for t in texts])
+
+    @torch.no_grad()
+    def generate(self, writer=None, progress=None, keep_latents: bool = False, *, state=None, checkpoint=None,
+                 checkpoint_every: int = 0, should_stop=None) -> RunStats:
+        """Run every pass; rank 0 hands each chunk to ``writer`` once clean.
+
+        ``should_stop()`` turning true stops the run at the next iteration
+        boundary (causal runs take no checkpoints: ``state``/``checkpoint`` are unused).
+        """
+        self.stage.reset(self.cfg, self.plan.batch, self.plan.lat_h, self.plan.lat_w)
+        if self.comm.is_first:
+            return self._run_first(writer, progress, keep_latents, should_stop)
+        return self._run_other()
+
+    def _packet_shape(self, task):
+        m = self.model
+        return self.plan.packet_shape(task, m.dim, m.tokens_per_frame(self.plan.lat_h, self.plan.lat_w))
+
+    def _run_other(self) -> RunStats:
+        comm, plan, st = self.comm, self.plan, RunStats()
+        model = self.model
+        inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, self._packet_shape(t), model.dtype) for t in plan.tasks))
+        t0 = time.perf_counter()
+        for task in plan.tasks:
+            tw = time.perf_counter()
+            with self.trace.span("recv", "wait", task=task.index):
+                packet = inbox.next()
+            tc = time.perf_counter()
+            st.wait_s += tc - tw
+            if packet is None:  # rank 0 stopped the run at this iteration boundary
+                if not comm.is_last:
+                    comm.send_stop(comm.next, task.index, self._packet_shape(task), model.dtype)
+                st.stopped = True
+                break
+            shape = plan.shape(task)
+            self.stage.model.release_prompts_before(plan.oldest_prompt(task))
+            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration):
+                packet = self.stage.run(packet, task, shape)
+                if comm.is_last:
+                    packet = self.stage.model.head(packet, shape, self.cfg.sampling.guidance)
+            st.compute_s += time.perf_counter() - tc
+            with self.trace.span("send", "send", task=task.index):
+                if comm.is_last:
+                    comm.send(packet, 0, KIND_PRED, task.index)
+                else:
+                    comm.send(packet, comm.next, KIND_PACKET, task.index)
+            st.tasks += 1
+        comm.flush()
+        st.wall_s = time.perf_counter() - t0
+        st.bytes_sent = comm.bytes_sent
+        st.cache_bytes = self.stage.cache_bytes()
+        return st
+
+    @staticmethod
+    def _name(task) -> str:
+        return f"c{task.chunk} commit" if task.commit else f"c{task.chunk} s{task.step}"
+
+    def _run_first(self, writer, progress, keep_latents, should_stop) -> RunStats:
+        cfg, comm, plan, st = self.cfg, self.comm, self.plan, RunStats()
+        model = self.model
+        state = CausalState(cfg, plan, model.out_channels, comm.device)
+        inbox = None
+        if comm.world > 1:
+            inbox = comm.inbox(comm.world - 1, ((KIND_PRED, t.index, plan.pred_shape(t, model.out_channels),
+                                                 torch.float32) for t in plan.tasks))
+        applied = -1
+
+        def apply(task, pred) -> None:
+            done = state.apply(task, pred)
+            if done is not None:
+                if writer is not None:
+                    writer.add_block(task.chunk, done)
+                if keep_latents:
+                    st.blocks.append(done)
+                if progress is not None:
+                    progress.block_done(task.chunk, plan.frames_of_block(task.chunk))
+
+        def drain(upto: int) -> None:
+            nonlocal applied
+            while applied < upto:
+                nxt = plan.tasks[applied + 1]
+                tw = time.perf_counter()
+                with self.trace.span("recv", "wait", task=nxt.index):
+                    pred = inbox.next()
+                tc = time.perf_counter()
+                st.wait_s += tc - tw
+                with self.trace.span(f"step {self._name(nxt)}", "scheduler", task=nxt.index):
+                    apply(nxt, pred)
+                st.compute_s += time.perf_counter() - tc
+                applied += 1
+
+        t0 = time.perf_counter()
+        for task in plan.tasks:
+            boundary = task.index > 0 and task.iteration != plan.tasks[task.index - 1].iteration
+            if boundary and should_stop is not None and should_stop():
+                drain(task.index - 1)
+                if comm.world > 1:
+                    comm.send_stop(comm.next, task.index, self._packet_shape(task), model.dtype)
+                st.stopped = True
+                break
+            drain(max(task.needs, task.index - self.in_flight))
+            shape = plan.shape(task)
+            self.stage.model.release_prompts_before(plan.oldest_prompt(task))
+            tc = time.perf_counter()
+            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration):
+                x, t = state.input(task)
+                packet = self.stage.model.embed(x, t, plan.batch)
+                packet = self.stage.run(packet, task, shape)
+                if comm.world == 1:
+                    pred = self.stage.model.head(packet, shape, cfg.sampling.guidance)
+            if comm.world == 1:
+                apply(task, pred)
+                applied = task.index
+                st.compute_s += time.perf_counter() - tc
+            else:
+                st.compute_s += time.perf_counter() - tc
+                with self.trace.span("send", "send", task=task.index):
+                    comm.send(packet, comm.next, KIND_PACKET, task.index)
+            st.tasks += 1
+            st.peak_live_blocks = max(st.peak_live_blocks, len(state.noisy) + len(state.clean))
+            if progress is not None:
+                progress.task_done(task)
+        if not st.stopped:
+            drain(len(plan.tasks) - 1)
+        comm.flush()
+        st.wall_s = time.perf_counter() - t0
+        st.bytes_sent = comm.bytes_sent
+        st.cache_bytes = self.stage.cache_bytes()
+        return st

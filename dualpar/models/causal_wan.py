@@ -1,0 +1,240 @@
+"""Chunk-by-chunk causal forward passes over a :class:`WanSlice` (CausVid / Self-Forcing style).
+
+A chunk of latent frames is run through the slice's layers with block-causal
+attention: its queries attend to the chunk itself, to the frames that are
+always attended (in a staggered schedule, the in-flight older chunks' current
+K/V) and to the committed frames a :mod:`kv_cache` policy selects. A chunk's
+"commit" pass (clean latents at t = 0) writes its K/V into each layer's store.
+
+Choices made explicit:
+
+* Keys are cached unrotated (after ``norm_k``, before RoPE) and rotated at
+  attention time. ``rope="absolute"`` uses each frame's position in the video
+  (what Self-Forcing and LongLive compute; Wan's table has 1024 temporal
+  positions). ``rope="rebase"`` shifts every position by ``end - 1024`` once
+  the chunk's end passes the table, clamping at 0, so rollouts can go on past
+  the table (relative distances inside the last 1024 frames are kept).
+* Timesteps are per frame: the packet carries one time embedding and six
+  modulation rows per latent frame (diffusers' per-token timestep path).
+* Cross-attention K/V are computed once per prompt and dropped when no chunk
+  in flight uses that prompt any more.
+
+Packet between ranks: ``[B, F * tokens + 7 * F, dim]``, the hidden states
+followed by 7 rows per frame (time embedding, then six modulation vectors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kv_cache import KVStore, Policy, attend
+from .wan import MOD_ROWS, WanSlice, apply_rope
+
+ROPE_MODES = ("absolute", "rebase")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkShape:
+    start: int
+    """Logical index of the chunk's first latent frame."""
+    frames: int
+    """Latent frames in the chunk."""
+    height: int
+    width: int
+    commit: bool = False
+    """This pass commits the chunk's K/V to the stores (clean latents at t = 0)."""
+    prompt: int = 0
+    """Index of the prompt this chunk is generated with."""
+    pending: bool = False
+    """Younger chunks of the same iteration attend to this pass's K/V (staggered schedule)."""
+
+    @property
+    def frame_ids(self) -> list[int]:
+        return list(range(self.start, self.start + self.frames))
+
+
+class LayerCache:
+    """One layer's KV state for causal generation: the committed store and the in-flight K/V.
+
+    ``pending`` holds, for the current iteration of a staggered schedule, the
+    current (not yet clean) K/V of older chunks still being denoised: always
+    attended, never selected from, never committed.
+    """
+
+    def __init__(self, store: KVStore, policy: Policy):
+        self.store, self.policy = store, policy
+        self.pending: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+
+class CausalWan:
+    """Causal passes over the layers of ``model`` (a :class:`WanSlice`); one per rank."""
+
+    def __init__(self, model: WanSlice, rope: str = "absolute"):
+        if rope not in ROPE_MODES:
+            raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
+        self.m = model
+        self.rope = rope
+        self.table = model.rope.max_seq_len
+        t_dim, h_dim, w_dim = model.rope.t_dim, model.rope.h_dim, model.rope.w_dim
+        cos = model.rope.freqs_cos.split([t_dim, h_dim, w_dim], dim=1)
+        sin = model.rope.freqs_sin.split([t_dim, h_dim, w_dim], dim=1)
+        self._t = (cos[0], sin[0])  # float64, as diffusers' own RoPE tables
+        self._hw_tables = (cos[1:], sin[1:])
+        self._hw: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._texts: dict[int, torch.Tensor] = {}
+        self._cross: dict[int, list] = {}
+
+    # -- prompts ---------------------------------------------------------------
+
+    def set_texts(self, texts: list[torch.Tensor]) -> None:
+        """The projected text context of every prompt of the run, [B, S, dim] each."""
+        self._texts = dict(enumerate(texts))
+        self._cross.clear()
+
+    def _cross_kv(self, prompt: int):
+        if prompt not in self._cross:
+            self.m.set_text(self._texts[prompt].to(self.m.device))
+            self._cross[prompt] = self.m._cross_kv
+        return self._cross[prompt]
+
+    def release_prompts_before(self, prompt: int) -> None:
+        """Drop the cross-attention K/V of prompts no chunk in flight uses any more."""
+        for p in [p for p in self._cross if p < prompt]:
+            del self._cross[p]
+
+    # -- positions -------------------------------------------------------------
+
+    def positions(self, frames: list[int], end: int) -> list[int]:
+        """RoPE positions of logical ``frames`` when the newest attending frame ends at ``end``."""
+        if self.rope == "absolute":
+            if end > self.table:
+                raise ValueError(f"latent frame {end - 1} is past RoPE's {self.table} positions; use rope 'rebase'")
+            return frames
+        shift = max(0, end - self.table)
+        return [max(f - shift, 0) for f in frames]
+
+    def _rotate(self, x: torch.Tensor, positions: list[int], height: int, width: int) -> torch.Tensor:
+        """Rotate ``x`` [B, len(positions) * T, H, D] (frames in order) with Wan's 3-D RoPE."""
+        ph, pw = self.m.patch_size[1:]
+        key = (height // ph, width // pw)
+        if key not in self._hw:
+            (ch, cw), (sh, sw) = self._hw_tables
+            hh, ww = key
+            def grid(th, tw):
+                return torch.cat([th[:hh].view(hh, 1, -1).expand(hh, ww, -1),
+                                  tw[:ww].view(1, ww, -1).expand(hh, ww, -1)], -1).reshape(hh * ww, -1)
+            self._hw[key] = (grid(ch, cw), grid(sh, sw))
+        cos_hw, sin_hw = self._hw[key]
+        pos = torch.tensor(positions, dtype=torch.long, device=self._t[0].device)
+        t = cos_hw.shape[0]
+
+        def full(table_t, table_hw):
+            ft = table_t[pos].view(len(positions), 1, -1).expand(-1, t, -1)
+            return torch.cat([ft, table_hw.view(1, t, -1).expand(len(positions), -1, -1)], -1).reshape(1, -1, 1, ft.shape[-1] + table_hw.shape[-1])
+
+        cos, sin = full(self._t[0], cos_hw), full(self._t[1], sin_hw)
+        return apply_rope(x, cos.to(x.device), sin.to(x.device))
+
+    # -- rank 0: embedding -----------------------------------------------------
+
+    def embed(self, latents: torch.Tensor, timesteps: torch.Tensor, batch: int) -> torch.Tensor:
+        """Patch-embed a chunk [1, C, F, H, W] with per-frame ``timesteps`` [F]: a packet."""
+        m = self.m
+        frames = latents.shape[2]
+        x = latents.to(m.device, m.dtype).expand(batch, -1, -1, -1, -1)
+        x = m.patch_embedding(x).flatten(2).transpose(1, 2)
+        ce = m.condition_embedder
+        t = ce.timesteps_proj(timesteps.reshape(frames).to(m.device))
+        tdtype = next(iter(ce.time_embedder.parameters())).dtype
+        if t.dtype != tdtype:
+            t = t.to(tdtype)
+        temb = ce.time_embedder(t).to(m.dtype)  # [F, dim]
+        tproj = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))  # [F, 6, dim]
+        mod = torch.cat([temb[:, None], tproj], 1).flatten(0, 1)  # [F * 7, dim]
+        return torch.cat([x, mod[None].expand(batch, -1, -1)], dim=1).contiguous()
+
+    # -- every rank: layers ----------------------------------------------------
+
+    def forward_layers(self, packet: torch.Tensor, shape: ChunkShape, caches: list[LayerCache]) -> torch.Tensor:
+        m = self.m
+        tpf = m.tokens_per_frame(shape.height, shape.width)
+        n_tok = shape.frames * tpf
+        x, mod = packet[:, :n_tok], packet[:, n_tok:]
+        b = x.shape[0]
+        tproj = mod.view(b, shape.frames, MOD_ROWS, -1)[:, :, 1:]  # [B, F, 6, dim]
+        cross = self._cross_kv(shape.prompt)
+        for i, blk in enumerate(m.layers):
+            x = self._layer(blk, x, cross[i], tproj, caches[i], shape, tpf)
+        return torch.cat([x, mod], dim=1)
+
+    def _layer(self, blk, x, cross_kv, tproj, cache, shape, tpf):
+        b, f = x.shape[0], shape.frames
+        per_frame = (blk.scale_shift_table[:, None] + tproj.float()).chunk(6, dim=2)  # [B, F, 1, dim] each
+        shift, scale, gate, c_shift, c_scale, c_gate = per_frame
+
+        def mod(h, sc, sh):  # per-frame modulation of token rows
+            return (h.view(b, f, tpf, -1) * (1 + sc) + sh).view(b, f * tpf, -1)
+
+        def gated(h, g):
+            return (h.view(b, f, tpf, -1) * g).view(b, f * tpf, -1)
+
+        h = mod(blk.norm1(x.float()), scale, shift).type_as(x)
+        x = (x.float() + gated(self._self_attention(blk.attn1, h, cache, shape, tpf), gate)).type_as(x)
+        h = blk.norm2(x.float()).type_as(x)
+        x = x + self.m._cross_attention(blk.attn2, h, cross_kv)
+        h = mod(blk.norm3(x.float()), c_scale, c_shift).type_as(x)
+        x = (x.float() + gated(blk.ffn(h).float(), c_gate)).type_as(x)
+        return x
+
+    def _self_attention(self, a, h, cache: LayerCache, shape: ChunkShape, tpf: int):
+        q = a.norm_q(a.to_q(h)).unflatten(2, (a.heads, -1))
+        k = a.norm_k(a.to_k(h)).unflatten(2, (a.heads, -1))
+        v = a.to_v(h).unflatten(2, (a.heads, -1))
+        own = shape.frame_ids
+        end = own[-1] + 1
+        pend_frames = [fr for frames, _, _ in cache.pending for fr in frames]
+        k_now = torch.cat([pk for _, pk, _ in cache.pending] + [k], 1)
+        v_now = torch.cat([pv for _, _, pv in cache.pending] + [v], 1)
+        hist_frames, k_hist, v_hist = cache.store.ordered()
+        rot = self._rotate
+        q_r = rot(q, self.positions(own, end), shape.height, shape.width)
+        k_now_r = rot(k_now, self.positions(pend_frames + own, end), shape.height, shape.width)
+        selection, k_hist_r = None, None
+        if hist_frames:
+            k_hist_r = rot(k_hist.flatten(1, 2), self.positions(hist_frames, end), shape.height, shape.width)
+            k_hist_r = k_hist_r.view(k_hist.shape)
+            selection = cache.policy.select(cache.store, q_r, shape.frames, k_hist_r, v_hist, k_now_r)
+        out = attend(q_r, k_now_r, v_now, k_hist_r, v_hist if hist_frames else None, selection)
+        out = out.flatten(2, 3).type_as(q)
+        if shape.commit:
+            for j, fr in enumerate(own):
+                sl = slice(j * tpf, (j + 1) * tpf)
+                cache.store.commit(fr, k[:, sl], v[:, sl], cache.policy.victim)
+        elif shape.pending:
+            cache.pending.append((own, k, v))
+        return a.to_out[1](a.to_out[0](out))
+
+    # -- last rank: head -------------------------------------------------------
+
+    def head(self, packet: torch.Tensor, shape: ChunkShape, guidance: float) -> torch.Tensor:
+        """Output head per frame and CFG: the chunk's flow prediction [1, C, F, H, W] in float32."""
+        m = self.m
+        tpf = m.tokens_per_frame(shape.height, shape.width)
+        n_tok = shape.frames * tpf
+        b = packet.shape[0]
+        x = packet[:, :n_tok]
+        temb = packet[:, n_tok:].view(b, shape.frames, MOD_ROWS, -1)[:, :, 0]  # [B, F, dim]
+        shift, scale = (m.scale_shift_table[:, None] + temb[:, :, None]).chunk(2, dim=2)  # [B, F, 1, dim]
+        x = (m.norm_out(x.float()).view(b, shape.frames, tpf, -1) * (1 + scale) + shift).view(b, n_tok, -1).type_as(x)
+        x = m.proj_out(x)
+        pt, ph, pw = m.patch_size
+        x = x.reshape(b, shape.frames // pt, shape.height // ph, shape.width // pw, pt, ph, pw, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
+        if b == 2:  # rows are [cond, uncond]
+            return x[1:] + guidance * (x[:1] - x[1:])
+        return x

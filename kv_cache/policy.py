@@ -1,0 +1,235 @@
+"""Which committed frames each query frame attends to, per head, and which frame a full store drops.
+
+A policy fixes the store's capacity (memory is bounded by it, not by video
+length), chooses per (query frame, head) a subset of the stored frames at every
+forward pass (:meth:`Policy.select`), and names the victim when a commit finds
+the store full (:meth:`Policy.victim`). ``select`` returning ``None`` means
+"every stored frame": that path is the plain attention of the full cache, so a
+policy whose budget covers everything computes exactly what the full policy does.
+
+Budgets count latent frames attended per query frame, committed history only
+(the current chunk is always attended).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .attention import Selection, history_mass, sample_queries
+from .store import KVStore
+
+POLICIES = ("full", "window", "topk", "focused")
+
+
+class Policy:
+    name = "base"
+    sink = 0
+    """Frames pinned in the store (the first ones committed)."""
+
+    def capacity(self, total_frames: int) -> int:
+        """Store slots for a video of ``total_frames`` latent frames."""
+        raise NotImplementedError
+
+    def select(self, store: KVStore, q: torch.Tensor, frames: int, k_hist: torch.Tensor, v_hist: torch.Tensor,
+               k_now: torch.Tensor) -> Selection | None:
+        """The frames each query frame and head attends to; ``q`` is ``[B, frames * T, H, D]``."""
+        return None
+
+    def victim(self, store: KVStore) -> int:
+        """The logical frame to evict from a full store (never a sink)."""
+        return store.oldest_evictable()
+
+
+class Full(Policy):
+    """Every committed frame, for every query frame and head: exact block-causal attention."""
+
+    name = "full"
+
+    def capacity(self, total_frames: int) -> int:
+        return max(total_frames, 1)
+
+    def victim(self, store: KVStore) -> int:
+        raise RuntimeError("the full policy's store holds the whole video and never evicts")
+
+
+class WindowSink(Policy):
+    """The ``sink`` first frames plus the most recent ``window`` frames (LongLive, StreamDiffusionV2).
+
+    The store holds exactly these frames, so selection is "all" and eviction
+    drops the oldest non-sink frame: a ring buffer.
+    """
+
+    name = "window"
+
+    def __init__(self, window: int, sink: int = 0):
+        if window < 1 or sink < 0:
+            raise ValueError(f"window must be >= 1 and sink >= 0, got {window}, {sink}")
+        self.window, self.sink = window, sink
+
+    def capacity(self, total_frames: int) -> int:
+        return min(self.window + self.sink, max(total_frames, 1))
+
+
+class _Scored(Policy):
+    """Shared by the content-aware policies: a pool of ``pool`` frames, scored by attention mass.
+
+    Every selection writes each stored frame's mean attention mass (over query
+    frames and heads) into ``store.score``; a full pool evicts the lowest-scored
+    non-sink frame. Frames not yet scored are never evicted first.
+    """
+
+    def __init__(self, budget: int, pool: int | None = None, sink: int = 0, sample: int = 16):
+        if budget < 1:
+            raise ValueError(f"budget must be >= 1 frame, got {budget}")
+        self.budget, self.sink, self.sample = budget, sink, sample
+        self.pool = max(pool if pool is not None else math.ceil(1.5 * budget), budget + sink)
+
+    def capacity(self, total_frames: int) -> int:
+        return min(self.pool, max(total_frames, 1))
+
+    def victim(self, store: KVStore) -> int:
+        best, best_score = None, None
+        for f in store.frames():
+            if f in store.sinks:
+                continue
+            s = float(store.score[store.slot_of[f]])
+            if best is None or s < best_score:
+                best, best_score = f, s
+        if best is None:
+            raise ValueError("every stored frame is a sink")
+        return best
+
+    def _mass(self, store, q, frames, k_hist, k_now) -> torch.Tensor:
+        mass = history_mass(sample_queries(q, frames, self.sample), k_hist, k_now)  # [Fq, H, n]
+        slots = torch.tensor(store.slots(), dtype=torch.long, device=store.score.device)
+        store.score[slots] = mass.mean(dim=(0, 1)).to(store.score.device)
+        return mass
+
+
+class TopK(_Scored):
+    """Per query frame and head, the ``budget`` committed frames with the most attention mass."""
+
+    name = "topk"
+
+    def select(self, store, q, frames, k_hist, v_hist, k_now):
+        n = k_hist.shape[1]
+        if n <= self.budget:
+            return None
+        mass = self._mass(store, q, frames, k_hist, k_now)
+        idx = mass.topk(self.budget, dim=-1).indices.sort(dim=-1).values
+        return Selection(idx)
+
+
+class FocusedForcing(_Scored):
+    """Content-aware per-frame selection (Focused Forcing, arXiv 2605.18346), as implemented here.
+
+    For each generated (query) frame and head, frames are chosen greedily by
+    ``(1 - diversity) * relevance - diversity * redundancy``:
+
+    * relevance: the attention mass a frame receives from ``sample`` evenly
+      strided queries of that query frame (softmax over all keys), scaled so the
+      most attended frame scores 1. It is recomputed at every forward pass, so
+      it follows the query frame's temporal distance and the denoising step.
+    * redundancy: the largest cosine similarity between the frame's descriptor
+      and those already chosen for this (query frame, head); a descriptor is the
+      mean value vector of the frame's tokens for that head (values carry
+      content without positional rotation).
+
+    Head budgets: the paper gives more frames to more important heads without
+    fixing the estimator; here a head's importance is the share of its sampled
+    attention that goes to committed history at all (a head that looks at the
+    current chunk only needs little history) -- a free by-product of the
+    relevance pass instead of a calibration pass. The total ``budget x heads``
+    is split in proportion, every head keeping at least ``ceil(budget / 4)``.
+
+    Where the paper is silent we also chose: one selection per forward pass and
+    layer (not cached across steps), sinks pinned in the pool but not forced
+    into the selection, eviction by mean attention mass (as :class:`TopK`).
+    """
+
+    name = "focused"
+
+    def __init__(self, budget: int, pool: int | None = None, sink: int = 0, sample: int = 16,
+                 diversity: float = 0.3):
+        super().__init__(budget, pool, sink, sample)
+        if not 0.0 <= diversity < 1.0:
+            raise ValueError(f"diversity must be in [0, 1), got {diversity}")
+        self.diversity = diversity
+
+    def head_budgets(self, importance: torch.Tensor, n: int) -> torch.Tensor:
+        """Split ``budget * heads`` frames over heads in proportion to ``importance`` [H]."""
+        h = importance.shape[0]
+        floor = min(n, math.ceil(self.budget / 4))
+        total = min(self.budget, n) * h
+        w = importance.double().clamp_min(0) + 1e-12
+        budgets = torch.full((h,), floor, dtype=torch.long)
+        left = total - floor * h
+        while left > 0:  # proportional shares, largest remainders first, capped at n
+            room = budgets < n
+            if not room.any():
+                break
+            share = w * room / (w * room).sum() * left
+            add = torch.minimum(share.floor().long(), n - budgets)
+            frac = torch.where(budgets + add < n, share - share.floor(), torch.full_like(share, -1.0))
+            for i in torch.argsort(frac, descending=True)[: left - int(add.sum())]:
+                if frac[i] >= 0:
+                    add[i] += 1
+            budgets += add
+            left -= int(add.sum())
+        return budgets
+
+    def select(self, store, q, frames, k_hist, v_hist, k_now):
+        n = k_hist.shape[1]
+        if n <= self.budget:
+            return None
+        mass = self._mass(store, q, frames, k_hist, k_now)  # [Fq, H, n]
+        fq, h, _ = mass.shape
+        budgets = self.head_budgets(mass.sum(-1).mean(0).cpu(), n).to(mass.device)  # [H]
+        relevance = mass / mass.amax(-1, keepdim=True).clamp_min(1e-12)
+        desc = torch.nn.functional.normalize(v_hist.float().mean(dim=(0, 2)), dim=-1)  # [n, H, D]
+        sim = torch.einsum("ahd,bhd->hab", desc, desc)  # [H, n, n]
+        chosen = torch.zeros(fq, h, n, dtype=torch.bool, device=mass.device)
+        redundancy = torch.zeros(fq, h, n, device=mass.device)
+        hidx = torch.arange(h, device=mass.device)[None, :].expand(fq, h)
+        for t in range(int(budgets.max())):
+            score = (1 - self.diversity) * relevance - self.diversity * redundancy
+            score = score.masked_fill(chosen, float("-inf"))
+            pick = score.argmax(-1)  # [Fq, H]
+            active = (budgets > t)[None, :].expand(fq, h)
+            chosen[active.nonzero(as_tuple=True) + (pick[active],)] = True
+            new = sim[hidx, pick]  # [Fq, H, n]
+            redundancy = torch.where(active[..., None], torch.maximum(redundancy, new), redundancy)
+        m = int(budgets.max())
+        key = (~chosen).long() * n + torch.arange(n, device=mass.device)  # chosen first, ascending
+        idx = key.argsort(-1)[..., :m]
+        valid = chosen.gather(-1, idx)
+        return Selection(idx, None if bool(valid.all()) else valid)
+
+
+def resolve_budget(budget: float, total_frames: int) -> int:
+    """A budget in frames (>= 1) or as a fraction of the video's latent frames (0 < budget < 1)."""
+    if budget <= 0:
+        raise ValueError(f"budget must be > 0, got {budget}")
+    if budget < 1:
+        return max(1, math.ceil(budget * total_frames))
+    if budget != int(budget):
+        raise ValueError(f"a budget of 1 or more counts frames and must be a whole number, got {budget}")
+    return int(budget)
+
+
+def make_policy(name: str, *, budget: float, total_frames: int, sink: int = 0, pool: int = 0,
+                sample: int = 16, diversity: float = 0.3) -> Policy:
+    """A policy by name; ``budget`` in frames or as a fraction of ``total_frames`` (ignored by ``full``)."""
+    if name == "full":
+        return Full()
+    frames = resolve_budget(budget, total_frames)
+    pool = pool or None
+    if name == "window":
+        return WindowSink(window=max(1, frames - sink), sink=sink)
+    if name == "topk":
+        return TopK(frames, pool, sink, sample)
+    if name == "focused":
+        return FocusedForcing(frames, pool, sink, sample, diversity)
+    raise ValueError(f"unknown policy '{name}' (known: {', '.join(POLICIES)})")
