@@ -1,0 +1,183 @@
+"""Causal mode through the real launcher: KV-cached generation equals a cache-free recompute,
+Focused Forcing with a full budget equals the full cache, N ranks equal 1 rank."""
+
+import json
+import os
+import subprocess
+import sys
+
+import av
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dualpar.config import Config
+from dualpar.models import loader
+from dualpar.models.tiny import tiny_transformer
+from dualpar.reference import causal_reference
+
+# 13 latent frames in chunks of 3: chunks of 4, 3, 3, 3 latent frames.
+BASE = ["--mode", "causal", "--frames", "49", "--height", "32", "--width", "48", "--set", "model.text_len=32",
+        "--seed", "5", "--no-progress"]
+
+
+def launch(root, n, out, extra=(), decode=False, expect=0, timeout=300):
+    cmd = [sys.executable]
+    if n > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
+    cmd += [os.path.join(root, "launch", "gen.py"), *BASE, *extra, "--out", str(out)]
+    if not decode:
+        cmd.append("--no-decode")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == expect, res.stderr[-3000:]
+    return res
+
+
+def chunks(out):
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "complete", man
+    return [load_file(out / b["latents"])["latents"] for b in man["blocks"]]
+
+
+def stats(out):
+    return json.loads((out / "stats.json").read_text())
+
+
+@pytest.mark.parametrize("guidance,sampler", [(5.0, "reinject"), (1.0, "euler")])
+def test_full_cache_equals_block_causal_recompute(root, tmp_path, guidance, sampler):
+    """Sequential schedule with the full policy == diffusers' model re-run over the whole history
+    with a block-causal mask and per-token timesteps (no cache anywhere)."""
+    extra = ["--set", "causal.schedule=sequential", "--policy", "full", "--guidance", str(guidance),
+             "--set", f"causal.sampler={sampler}"]
+    launch(root, 1, tmp_path / "run", extra)
+    got = chunks(tmp_path / "run")
+    cfg = Config()
+    for key, val in {"video.frames": 49, "video.height": 32, "video.width": 48, "model.text_len": 32,
+                     "sampling.seed": 5, "sampling.mode": "causal", "sampling.guidance": guidance,
+                     "causal.sampler": sampler}.items():
+        cfg.set(key, val)
+    tok, enc = loader.load_text_encoder(cfg)
+    prompts = [cfg.sampling.prompt, cfg.sampling.negative_prompt] if guidance > 1 else [cfg.sampling.prompt]
+    states = loader.encode_prompts(tok, enc, prompts, 32)
+    ref = causal_reference(cfg, tiny_transformer(cfg.model.weights_seed), states)
+    assert [r.shape[2] for r in ref] == [x.shape[2] for x in got] == [4, 3, 3, 3]
+    for r, x in zip(ref, got):
+        assert (r - x).abs().max().item() <= 1e-5
+    # the history matters: a chunk differs from what it would be alone
+    assert (ref[1] - causal_reference_alone(cfg, states, 1)).abs().max().item() > 1e-3
+
+
+def causal_reference_alone(cfg, states, chunk):
+    """Chunk ``chunk`` generated with the history cut off: the reference run on a 1-chunk video."""
+    from dualpar.causal import chunk_noise, sigmas
+
+    h, w = cfg.video.height // 8, cfg.video.width // 8
+    model = tiny_transformer(cfg.model.weights_seed)
+    x = chunk_noise(cfg.sampling.seed, chunk, 0, (1, 16, 3, h, w))
+    sig = sigmas(cfg)
+    for s, sigma in enumerate(sig):
+        out = model(x.expand(states.shape[0], -1, -1, -1, -1), torch.full((states.shape[0],), sigma * 1000.0),
+                    states, return_dict=False)[0].float()
+        v = out[1:] + cfg.sampling.guidance * (out[:1] - out[1:]) if states.shape[0] == 2 else out
+        x0 = x - sigma * v
+        if s + 1 < len(sig):
+            x = x + (sig[s + 1] - sigma) * v if cfg.causal.sampler == "euler" else \
+                (1 - sig[s + 1]) * x0 + sig[s + 1] * chunk_noise(cfg.sampling.seed, chunk, s + 1, x.shape)
+    return x0
+
+
+def test_focused_forcing_with_a_full_budget_is_the_full_cache(root, tmp_path):
+    full = ["--policy", "full"]
+    launch(root, 1, tmp_path / "full", full)
+    launch(root, 1, tmp_path / "ff", ["--policy", "focused", "--budget", "13"])
+    launch(root, 1, tmp_path / "ff4", ["--policy", "focused", "--budget", "4", "--set", "causal.sink=1"])
+    a, b, c = chunks(tmp_path / "full"), chunks(tmp_path / "ff"), chunks(tmp_path / "ff4")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # a real budget selects: the last chunks differ from the full cache, and the cache is smaller
+    assert (a[-1] - c[-1]).abs().max().item() > 1e-4
+    assert stats(tmp_path / "ff4")["ranks"][0]["kv_cache_mb"] < stats(tmp_path / "full")["ranks"][0]["kv_cache_mb"]
+
+
+@pytest.mark.parametrize("schedule,policy,ranks", [("staggered", "focused", (2, 3)), ("sequential", "window", (2,)),
+                                                    ("staggered", "topk", (2,))])
+def test_n_ranks_equal_one_rank(root, tmp_path, schedule, policy, ranks):
+    extra = ["--set", f"causal.schedule={schedule}", "--policy", policy, "--budget", "4", "--set", "causal.sink=1"]
+    launch(root, 1, tmp_path / "n1", extra)
+    one = chunks(tmp_path / "n1")
+    for n in ranks:
+        launch(root, n, tmp_path / f"n{n}", extra)
+        many = chunks(tmp_path / f"n{n}")
+        assert len(many) == len(one) == 4
+        for x, y in zip(one, many):
+            assert (x - y).abs().max().item() <= 1e-5
+        # each rank holds the caches of its own layers only
+        per_rank = [r["kv_cache_mb"] for r in stats(tmp_path / f"n{n}")["ranks"]]
+        assert sum(per_rank) == pytest.approx(stats(tmp_path / "n1")["ranks"][0]["kv_cache_mb"])
+        assert all(0 < mb < sum(per_rank) for mb in per_rank)
+
+
+def test_staggered_sees_unfinished_predecessors(root, tmp_path):
+    """The two schedules are different computations (the staggered one attends to in-flight K/V)."""
+    launch(root, 1, tmp_path / "seq", ["--set", "causal.schedule=sequential"])
+    launch(root, 1, tmp_path / "stag", ["--set", "causal.schedule=staggered"])
+    a, b = chunks(tmp_path / "seq"), chunks(tmp_path / "stag")
+    assert (a[0] - b[0]).abs().max().item() <= 1e-5  # the first chunk has no predecessor
+    assert (a[1] - b[1]).abs().max().item() > 1e-4
+
+
+def test_window_cache_memory_does_not_grow_with_length(root, tmp_path):
+    mbs = {}
+    for frames in ("49", "97"):
+        for policy in ("window", "full"):
+            launch(root, 1, tmp_path / f"{policy}{frames}",
+                   ["--frames", frames, "--policy", policy, "--budget", "4", "--set", "causal.sink=1"])
+            mbs[policy, frames] = stats(tmp_path / f"{policy}{frames}")["ranks"][0]["kv_cache_mb"]
+    assert mbs["window", "49"] == mbs["window", "97"] > 0
+    assert mbs["full", "97"] > 1.8 * mbs["full", "49"]
+
+
+def test_prompt_schedule_switches_at_the_chunk_that_starts_there(root, tmp_path):
+    # chunk starts in output frames: 0, 13, 25, 37; the switch at frame 25 starts with chunk 2
+    launch(root, 1, tmp_path / "one", ["--prompt", "a quiet lake at dawn"])
+    launch(root, 1, tmp_path / "two", ["--prompt", "a quiet lake at dawn | 25: a storm over the sea"])
+    a, b = chunks(tmp_path / "one"), chunks(tmp_path / "two")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert (a[2] - b[2]).abs().max().item() > 1e-4
+
+
+def test_causal_video_is_streamed(root, tmp_path):
+    launch(root, 2, tmp_path / "v", ["--policy", "window", "--budget", "4"], decode=True)
+    man = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert man["status"] == "complete" and man["frames_written"] == 49 and man["blocks_written"] == 4
+    with av.open(str(tmp_path / "v" / "video.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 49
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--policy", "lru"], "causal.policy must be one of"),
+    (["--budget", "2.5"], "causal.budget"),
+    (["--set", "causal.timesteps=250,500"], "decreasing"),
+    (["--chunk", "0"], "causal.chunk"),
+])
+def test_bad_causal_options_fail_before_loading(root, tmp_path, args, message):
+    res = launch(root, 1, tmp_path / "bad", args, expect=2)
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+def test_prompt_schedule_needs_causal_mode(root, tmp_path):
+    cmd = [sys.executable, os.path.join(root, "launch", "gen.py"), "--prompt", "a | 13: b", "--frames", "49",
+           "--out", str(tmp_path / "x")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "needs --mode causal" in res.stderr
+
+
+def test_causal_runs_are_not_resumable(root, tmp_path):
+    launch(root, 1, tmp_path / "r")
+    man = tmp_path / "r" / "manifest.json"
+    data = json.loads(man.read_text())
+    data["status"] = "incomplete"
+    man.write_text(json.dumps(data))
+    res = subprocess.run([sys.executable, os.path.join(root, "launch", "gen.py"), "--resume", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "cannot be resumed" in res.stderr
