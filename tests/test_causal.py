@@ -181,3 +181,48 @@ def test_causal_runs_are_not_resumable(root, tmp_path):
     res = subprocess.run([sys.executable, os.path.join(root, "launch", "gen.py"), "--resume", str(tmp_path / "r")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "cannot be resumed" in res.stderr
+
+
+def causal_cfg(**overrides):
+    cfg = Config()
+    for key, val in {"video.frames": 49, "video.height": 32, "video.width": 48, "model.text_len": 32,
+                     "sampling.mode": "causal", "sampling.guidance": 1.0, "output.progress": False,
+                     **overrides}.items():
+        cfg.set(key, val)
+    cfg.validate()
+    return cfg
+
+
+def run_in_process(cfg, table=None):
+    from dualpar.causal import CausalEngine
+    from dualpar.comm import Comm
+
+    engine = CausalEngine(cfg, Comm.from_env(device="cpu"))
+    if table is not None:
+        engine.stage.model.table = table
+    engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
+    return engine.generate(keep_latents=True).blocks
+
+
+def test_rebased_rope_positions_keep_relative_distances():
+    """RoPE attention depends on position differences only: re-basing every attended frame by
+    the same shift (a 9-position table here, instead of 1024) changes nothing while a window
+    without sinks keeps everything attended inside the table (sequential schedule: no
+    in-flight predecessors reach further back)."""
+    from dualpar.models.causal_wan import CausalWan
+
+    cw = CausalWan.__new__(CausalWan)
+    cw.rope, cw.table = "rebase", 1024
+    assert cw.positions([0, 1, 2, 1100, 1101, 1102], 1103) == [0, 0, 0, 1021, 1022, 1023]
+    assert cw.positions([5, 6], 100) == [5, 6]
+    window = {"causal.policy": "window", "causal.budget": 5.0, "causal.sink": 0, "causal.schedule": "sequential"}
+    absolute = run_in_process(causal_cfg(**window))
+    rebased = run_in_process(causal_cfg(**window, **{"causal.rope": "rebase"}), table=9)
+    assert len(absolute) == 4
+    for a, b in zip(absolute, rebased):
+        assert (a - b).abs().max().item() <= 1e-4
+    # with a pinned sink frame the distances do change once the video passes the table
+    sink = dict(window, **{"causal.sink": 1})
+    a = run_in_process(causal_cfg(**sink))
+    b = run_in_process(causal_cfg(**sink, **{"causal.rope": "rebase"}), table=9)
+    assert (a[-1] - b[-1]).abs().max().item() > 1e-3
