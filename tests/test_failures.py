@@ -158,3 +158,17 @@ def test_stale_checkpoint_of_another_run_is_refused(root, tmp_path):
     (out / "manifest.json").write_text(json.dumps(man))
     res = subprocess.run(command(root, 1, ["--resume", str(out)]), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "belongs to another run" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_sigterm_stops_a_causal_run_cleanly(root, tmp_path):
+    out = tmp_path / "causal"
+    p = start(root, 2, out, ["--mode", "causal", "--policy", "window", "--budget", "4"])
+    wait_for(lambda: (manifest(out) or {}).get("blocks_written", 0) >= 2, 300, "two chunks")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    man = manifest(out)
+    assert man["status"] == "incomplete" and "SIGTERM" in man["reason"] and "--resume" not in man["reason"], man
+    assert decoded_frames(out / "video.mp4") == man["frames_written"] > 0
+    assert man["blocks_written"] < man["blocks_total"] == 13
+    assert not (out / "checkpoint.safetensors").exists()
