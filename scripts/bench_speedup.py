@@ -1,7 +1,7 @@
 """Speed-up of the pipelined denoising loop on N ranks over 1 rank, measured side by side.
 
     python scripts/bench_speedup.py                 # demo config (1025 frames), 1 vs 2 ranks
-    python scripts/bench_speedup.py --frames 257 --ranks 1 2 --repeat 3
+    python scripts/bench_speedup.py --frames 257 --ranks 1 2 --repeat 3 --json out.json
 
 Each configuration runs the real launcher (torchrun + launch/gen.py) with
 decoding off, so the figure is the denoising loop alone (as in the DualParal
@@ -40,15 +40,18 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--frames", type=int, default=None, help="override the config's frames")
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    p.add_argument("--json", help="write every run and the best per rank count here")
     args, extra = p.parse_known_args()
     extra = ["--config", args.config, *extra]
     if args.frames:
         extra += ["--frames", str(args.frames)]
     best: dict[int, dict] = {}
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeat):
             for n in args.ranks:
                 s = run_once(n, os.path.join(tmp, f"n{n}"), extra)
+                runs.append({"ranks": n, "loop_s": s["loop_s"]})
                 print(f"  run {rep + 1}: {n} rank(s): loop {s['loop_s']:.2f} s", flush=True)
                 if n not in best or s["loop_s"] < best[n]["loop_s"]:
                     best[n] = s
@@ -58,6 +61,10 @@ def main() -> None:
         s = best[n]
         busy = " ".join(f"{r['busy_s'] / r['loop_s']:.0%}" for r in s["ranks"])
         print(f"{n:>5} {s['loop_s']:8.2f} {base / s['loop_s']:7.2f}x {s['frames'] / s['loop_s']:9.1f}  {busy}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"config": args.config, "repeat": args.repeat, "ranks": args.ranks, "runs": runs,
+                       "best": [best[n] for n in args.ranks]}, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,12 @@ def calibrate(trace_path, plan_args):
     return {"layer": coef[:3].tolist(), "fixed": coef[3:].tolist(), "sched_s": float(np.median(sched))}
 
 
-def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=1e-3, bandwidth=2e9, packet_bytes_per_token=1024):
+# Hop model of the calibrated (CPU, gloo) case; the fit absorbs what it misses.
+HOP = dict(latency_s=1e-3, bandwidth=2e9, packet_bytes_per_token=1024)
+
+
+def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_s"], bandwidth=HOP["bandwidth"],
+             packet_bytes_per_token=HOP["packet_bytes_per_token"]):
     """Predicted loop wall time and idle fraction per rank."""
     world = len(layers)
     tasks = sch.make_tasks(len(blocks), steps)
@@ -125,15 +130,19 @@ def plan_for(frames, block, num_cat, steps, ranks, num_layers, hw):
 
 
 # Assumptions of the projection (stated, not measured): sustained bf16 throughput
-# at 40% of the dense peak, and the link between neighbouring GPUs.
+# as a fraction of the dense peak, and the link between neighbouring GPUs.
+EFFICIENCY = 0.4
 GPUS = {
-    "8x RTX 4090, PCIe (no P2P, via host)": dict(flops=0.4 * 165e12, bandwidth=12e9, latency_s=30e-6, mem_gb=24),
-    "8x H100 SXM, NVLink": dict(flops=0.4 * 989e12, bandwidth=300e9, latency_s=10e-6, mem_gb=80),
+    "8x RTX 4090, PCIe (no P2P, via host)": dict(short="RTX 4090", peak_flops=165e12, bandwidth=12e9,
+                                                 latency_s=30e-6, link="PCIe through the host", mem_gb=24),
+    "8x H100 SXM, NVLink": dict(short="H100", peak_flops=989e12, bandwidth=300e9, latency_s=10e-6,
+                                link="NVLink", mem_gb=80),
 }
 MODELS = {
     "Wan2.1-1.3B 480x832": dict(layers=30, dim=1536, ffn=8960, hw=(480, 832), params=1.3e9),
     "Wan2.1-14B 720x1280": dict(layers=40, dim=5120, ffn=13824, hw=(720, 1280), params=14e9),
 }
+PROJECT_CASES = ((1, 8), (8, 4), (8, 8), (8, 16))  # (ranks, block); the first is the 1-GPU reference
 
 
 def flops_model(dim, ffn, flops, batch=2, text_len=512):
@@ -143,26 +152,59 @@ def flops_model(dim, ffn, flops, batch=2, text_len=512):
     return {"layer": [0.0, per_token / flops, per_pair / flops], "sched_s": 2e-3}
 
 
-def project(frames=1025, steps=50, num_cat=8):
-    """Projected wall time and per-rank memory for the real models on 8 GPUs."""
-    print(f"projection: {frames} frames, {steps} steps, num_cat {num_cat}, CFG, bf16\n")
-    print("| GPUs | model | ranks | block | wall s | speed-up vs 1 GPU | max idle | weights+cache GB/rank |")
-    print("|---|---|---|---|---|---|---|---|")
+def _project_one(g, m, frames, steps, num_cat, ranks, block):
+    blocks, tasks, nc, st, tpf, layers = plan_for(frames, block, num_cat, steps, ranks, m["layers"], m["hw"])
+    model = dict(flops_model(m["dim"], m["ffn"], EFFICIENCY * g["peak_flops"]), fixed=[0.0] * ranks)
+    bytes_per_token = 2 * m["dim"] * 2  # CFG rows, bf16
+    out = simulate(blocks, st, nc, tpf, layers, model, latency_s=g["latency_s"], bandwidth=g["bandwidth"],
+                   packet_bytes_per_token=bytes_per_token)
+    n = max(b - a for a, b in layers)
+    cache = n * 2 * num_cat * tpf * m["dim"] * 2 * 2  # K and V, CFG rows, bf16
+    mem = (n * m["params"] / m["layers"] * 2 + cache) / 1e9
+    # One steady-state hop against one stage's compute for the same task (the largest stage).
+    task = tasks[len(tasks) // 2]
+    nq, nkv = task_tokens(task, blocks, nc, st, tpf)
+    packet = nq * bytes_per_token
+    hop = {"packet_mb": packet / 1e6, "hop_s": g["latency_s"] + packet / g["bandwidth"],
+           "stage_compute_s": n * float(np.dot(model["layer"], features(nq, nkv)))}
+    return {"ranks": ranks, "block": block, "layers": [b - a for a, b in layers], "wall_s": out["wall_s"],
+            "idle": out["idle"], "mem_gb": mem, "hop": hop}
+
+
+def projection(frames=1025, steps=50, num_cat=8):
+    """Projected wall time, idle and per-rank memory for the real models on 8 GPUs, plus balanced rank counts."""
+    rows, balanced = [], []
     for gname, g in GPUS.items():
         for mname, m in MODELS.items():
             base = None
-            for ranks, block in ((1, 8), (8, 4), (8, 8), (8, 16)):
-                blocks, _, nc, st, tpf, layers = plan_for(frames, block, num_cat, steps, ranks, m["layers"], m["hw"])
-                model = dict(flops_model(m["dim"], m["ffn"], g["flops"]), fixed=[0.0] * ranks)
-                out = simulate(blocks, st, nc, tpf, layers, model, latency_s=g["latency_s"],
-                               bandwidth=g["bandwidth"], packet_bytes_per_token=2 * m["dim"] * 2)
-                base = base or out["wall_s"]
-                per_layer_params = m["params"] / m["layers"]
-                n = max(b - a for a, b in layers)
-                cache = n * 2 * num_cat * tpf * m["dim"] * 2 * 2  # K and V, CFG rows, bf16
-                mem = (n * per_layer_params * 2 + cache) / 1e9
-                print(f"| {gname} | {mname} | {ranks} | {block} | {out['wall_s']:.0f} | {base / out['wall_s']:.2f}x | "
-                      f"{max(out['idle']):.0%} | {mem:.1f} |")
+            for ranks, block in PROJECT_CASES:
+                r = _project_one(g, m, frames, steps, num_cat, ranks, block)
+                base = base or r["wall_s"]
+                rows.append(dict(r, gpus=gname, model=mname, speedup=base / r["wall_s"]))
+            # Rank counts next to 8 that divide the layer count, when 8 does not.
+            ranks = PROJECT_CASES[-1][0]
+            if m["layers"] % ranks:
+                divisors = [d for d in range(2, m["layers"] + 1) if m["layers"] % d == 0]
+                for d in (max(d for d in divisors if d < ranks), min(d for d in divisors if d > ranks)):
+                    r = _project_one(g, m, frames, steps, num_cat, d, 8)
+                    balanced.append(dict(r, gpus=gname, model=mname, speedup=base / r["wall_s"]))
+    return {"frames": frames, "steps": steps, "num_cat": num_cat, "efficiency": EFFICIENCY, "gpus": GPUS,
+            "models": MODELS, "rows": rows, "balanced": balanced}
+
+
+def project(frames=1025, steps=50, num_cat=8):
+    data = projection(frames, steps, num_cat)
+    print(f"projection: {frames} frames, {steps} steps, num_cat {num_cat}, CFG, bf16\n")
+    print("| GPUs | model | ranks | block | wall s | speed-up vs 1 GPU | max idle | weights+cache GB/rank |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in data["rows"]:
+        print(f"| {r['gpus']} | {r['model']} | {r['ranks']} | {r['block']} | {r['wall_s']:.0f} | {r['speedup']:.2f}x | "
+              f"{max(r['idle']):.0%} | {r['mem_gb']:.1f} |")
+    print()
+    for r in data["balanced"]:
+        print(f"balanced: {r['gpus']}, {r['model']}: {r['ranks']} ranks, block {r['block']}: {r['wall_s']:.0f} s, "
+              f"max idle {max(r['idle']):.0%}")
+    return data
 
 
 def main():
@@ -180,9 +222,10 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hw", type=int, default=96, help="square frame size in pixels")
+    p.add_argument("--json", help="also write the result here")
     args = p.parse_args()
     if args.project:
-        project()
+        _write(args.json, project())
         return
     if args.calibrate is None:
         p.error("give --calibrate TRACE with the calibration and target settings, or --project")
@@ -196,7 +239,15 @@ def main():
     model = dict(model, fixed=[fixed[0]] + [0.0] * (args.ranks - 2) + [fixed[-1]] if args.ranks > 1
                  else [fixed[0] + fixed[-1]])
     out = simulate(blocks, steps, num_cat, tpf, layers, model)
-    print(json.dumps({"model": model, "prediction": out}))
+    result = {"model": model, "prediction": out, "hop": HOP}
+    print(json.dumps(result))
+    _write(args.json, result)
+
+
+def _write(path, data):
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,37 @@ def test_bench_speedup_small_case(root):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [ln.split() for ln in res.stdout.splitlines() if ln.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"] and rows[0][2] == "1.00x"
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def test_benchmarks_quick_writes_every_section(root, tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    script = os.path.join(root, "scripts", "benchmarks.py")
+    res = subprocess.run([sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = out.read_text()
+    assert md.startswith("# Benchmarks") and "python scripts/benchmarks.py" in md
+    for header in ("| run | frames | loop s | end-to-end s |",  # length sweep
+                   "| ranks | loop s | speed-up | frames/s |",  # 2 ranks over 1
+                   "| run (2 ranks, decode off) | predicted loop s | measured loop s | error |",  # simulator
+                   "| GPUs | model | ranks | block | wall s |"):  # projection
+        assert header in md
+    for frames in (33, 65):
+        assert f"| pipelined-2 | {frames} |" in md
+    plots = tmp_path / "docs" / "benchmarks"
+    for name in ("time_per_frame.png", "memory.png", "trace.png"):
+        data = (plots / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+        assert f"](docs/benchmarks/{name})" in md
+    results = json.loads((plots / "results.json").read_text())
+    assert {"meta", "sweep", "speedup", "simulator", "projection"} <= set(results)
+    assert results["sweep"]["trace"]["spans"]
+    # The markdown is a pure function of results.json.
+    again = tmp_path / "again.md"
+    res = subprocess.run([sys.executable, script, "--render-only", "--out", str(again), "--plots", str(plots)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert again.read_text() == md
