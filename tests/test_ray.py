@@ -54,6 +54,18 @@ def test_two_actors_equal_torchrun(root, cluster, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_causal_mode_on_two_actors_equals_one_process(root, cluster, tmp_path):
+    causal = ["--mode", "causal", "--policy", "focused", "--budget", "4", "--set", "causal.sink=1", "--no-decode"]
+    p = ray_job(root, cluster, [*causal, "--out", str(tmp_path / "ray")])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    launch(root, 1, tmp_path / "one", causal)
+    _, a = read_blocks(tmp_path / "ray")
+    _, b = read_blocks(tmp_path / "one")
+    assert len(a) == len(b) == 7  # 23 latent frames: chunks of 5, 3, 3, 3, 3, 3, 3
+    assert all((x - y).abs().max().item() <= 1e-5 for x, y in zip(a, b))
+
+
 def test_prompt_file_two_videos_one_model_load(root, cluster, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red fox running through snow\n\n# comment\na boat on a dark sea\n")
