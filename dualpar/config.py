@@ -8,6 +8,7 @@ A config file has one section per dataclass below (``model``, ``video``,
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,10 @@ class Config:
                 raise ConfigError(f"causal.{key} must be one of {allowed}, got '{val}'")
         if c.budget <= 0 or (c.budget >= 1 and c.budget != int(c.budget)):
             raise ConfigError(f"causal.budget must be a fraction in (0, 1) or a whole number of frames, got {c.budget}")
+        budget_frames = math.ceil(c.budget * lat) if c.budget < 1 else int(c.budget)
+        if c.policy == "window" and budget_frames <= c.sink:
+            raise ConfigError(f"causal.budget ({budget_frames} frames) must exceed causal.sink ({c.sink}) for the "
+                              "window policy: the sink frames count toward the budget")
         if c.sink < 0 or c.pool < 0 or c.sample < 1:
             raise ConfigError("causal.sink and causal.pool must be >= 0 and causal.sample >= 1")
         if not 0.0 <= c.diversity < 1.0:

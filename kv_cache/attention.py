@@ -59,8 +59,12 @@ def attend(q: torch.Tensor, k_now: torch.Tensor, v_now: torch.Tensor, k_hist: to
         tok = selection.valid[..., None].expand(fq, h, m, t).flatten(2)
         always = torch.ones(fq, h, k_now.shape[1], dtype=torch.bool, device=tok.device)
         mask = torch.cat([tok, always], 2)[:, :, None]  # [Fq, H, 1, keys]
-    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask)
-    return out.permute(0, 1, 3, 2, 4).reshape(b, fq * t, h, d)
+    if mask is not None:
+        mask = mask.expand(fq, h, 1, keys.shape[3]).unsqueeze(0).expand(b, -1, -1, -1, -1).flatten(0, 1)
+    # 4-D inputs: SDPA's CPU kernels fall back to a much slower path on 5-D ones
+    out = F.scaled_dot_product_attention(queries.flatten(0, 1), keys.flatten(0, 1), values.flatten(0, 1),
+                                         attn_mask=mask)
+    return out.view(b, fq, h, t, d).permute(0, 1, 3, 2, 4).reshape(b, fq * t, h, d)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -227,7 +227,9 @@ def make_policy(name: str, *, budget: float, total_frames: int, sink: int = 0, p
     frames = resolve_budget(budget, total_frames)
     pool = pool or None
     if name == "window":
-        return WindowSink(window=max(1, frames - sink), sink=sink)
+        if frames <= sink:
+            raise ValueError(f"a window budget of {frames} frames leaves no room beside {sink} sink frames")
+        return WindowSink(window=frames - sink, sink=sink)
     if name == "topk":
         return TopK(frames, pool, sink, sample)
     if name == "focused":

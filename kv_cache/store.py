@@ -9,9 +9,8 @@ class KVStore:
     """A ring of ``capacity`` frame slots with a logical-frame index map.
 
     Each slot holds one latent frame's keys and values, ``[batch, tokens, heads,
-    head_dim]`` each. Keys are stored after the key norm and *before* RoPE, so
-    the reader rotates them with whatever positions it chooses (absolute or
-    re-based). A frame's logical index (its position in the video) is kept apart
+    head_dim]`` each, as the model hands them (rotated at fixed positions, or
+    unrotated for a reader that picks positions at attention time). A frame's logical index (its position in the video) is kept apart
     from its slot: committing into a full store evicts one frame and reuses its
     slot, nothing is ever shifted. The first ``sink`` frames committed are
     pinned and never evicted.
@@ -56,8 +55,9 @@ class KVStore:
     def ordered(self) -> tuple[list[int], torch.Tensor, torch.Tensor]:
         """``(frames, k, v)`` of every stored frame in logical order; k, v ``[B, n, tokens, H, D]``."""
         frames = self.frames()
-        if len(frames) == self.capacity and frames == [self.frame_in_slot[i] for i in range(self.capacity)]:
-            return frames, self.k, self.v  # already in order: no copy
+        n = len(frames)
+        if self.frame_in_slot[:n] == frames:  # slots 0..n-1 hold the frames in order: views, no copy
+            return frames, self.k[:, :n], self.v[:, :n]
         idx = torch.tensor([self.slot_of[f] for f in frames], dtype=torch.long, device=self.k.device)
         return frames, self.k.index_select(1, idx), self.v.index_select(1, idx)
 

@@ -158,6 +158,7 @@ def test_causal_video_is_streamed(root, tmp_path):
     (["--budget", "2.5"], "causal.budget"),
     (["--set", "causal.timesteps=250,500"], "decreasing"),
     (["--chunk", "0"], "causal.chunk"),
+    (["--policy", "window", "--budget", "3"], "must exceed causal.sink"),
 ])
 def test_bad_causal_options_fail_before_loading(root, tmp_path, args, message):
     res = launch(root, 1, tmp_path / "bad", args, expect=2)

@@ -8,12 +8,13 @@ K/V) and to the committed frames a :mod:`kv_cache` policy selects. A chunk's
 
 Choices made explicit:
 
-* Keys are cached unrotated (after ``norm_k``, before RoPE) and rotated at
-  attention time. ``rope="absolute"`` uses each frame's position in the video
-  (what Self-Forcing and LongLive compute; Wan's table has 1024 temporal
-  positions). ``rope="rebase"`` shifts every position by ``end - 1024`` once
-  the chunk's end passes the table, clamping at 0, so rollouts can go on past
-  the table (relative distances inside the last 1024 frames are kept).
+* RoPE. ``rope="absolute"`` uses each frame's position in the video (what
+  Self-Forcing and LongLive compute; Wan's table has 1024 temporal
+  positions) and caches keys *rotated*, so the history is never rotated
+  again. ``rope="rebase"`` caches keys unrotated (after ``norm_k``) and
+  rotates them at every use, shifting every position by ``end - 1024`` once
+  the chunk's end passes the table and clamping at 0, so rollouts can go on
+  past the table (relative distances inside the last 1024 frames are kept).
 * Timesteps are per frame: the packet carries one time embedding and six
   modulation rows per latent frame (diffusers' per-token timestep path).
 * Cross-attention K/V are computed once per prompt and dropped when no chunk
@@ -197,17 +198,21 @@ class CausalWan:
         v = a.to_v(h).unflatten(2, (a.heads, -1))
         own = shape.frame_ids
         end = own[-1] + 1
+        hw = (shape.height, shape.width)
+        absolute = self.rope == "absolute"
+        q_r = self._rotate(q, self.positions(own, end), *hw)
+        if absolute:  # keys are kept rotated: the history is never rotated again
+            k = self._rotate(k, own, *hw)
         pend_frames = [fr for frames, _, _ in cache.pending for fr in frames]
         k_now = torch.cat([pk for _, pk, _ in cache.pending] + [k], 1)
         v_now = torch.cat([pv for _, _, pv in cache.pending] + [v], 1)
+        k_now_r = k_now if absolute else self._rotate(k_now, self.positions(pend_frames + own, end), *hw)
         hist_frames, k_hist, v_hist = cache.store.ordered()
-        rot = self._rotate
-        q_r = rot(q, self.positions(own, end), shape.height, shape.width)
-        k_now_r = rot(k_now, self.positions(pend_frames + own, end), shape.height, shape.width)
         selection, k_hist_r = None, None
         if hist_frames:
-            k_hist_r = rot(k_hist.flatten(1, 2), self.positions(hist_frames, end), shape.height, shape.width)
-            k_hist_r = k_hist_r.view(k_hist.shape)
+            k_hist_r = k_hist
+            if not absolute:
+                k_hist_r = self._rotate(k_hist.flatten(1, 2), self.positions(hist_frames, end), *hw).view(k_hist.shape)
             selection = cache.policy.select(cache.store, q_r, shape.frames, k_hist_r, v_hist, k_now_r)
         out = attend(q_r, k_now_r, v_now, k_hist_r, v_hist if hist_frames else None, selection)
         out = out.flatten(2, 3).type_as(q)
