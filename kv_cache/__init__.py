@@ -10,8 +10,8 @@
 """
 
 from .attention import Selection, attend, history_mass, sample_queries
-from .policy import POLICIES, FocusedForcing, Full, Policy, TopK, WindowSink, make_policy, resolve_budget
+from .policy import POLICIES, auto_sample, FocusedForcing, Full, Policy, TopK, WindowSink, make_policy, resolve_budget
 from .store import KVStore
 
 __all__ = ["KVStore", "Selection", "attend", "history_mass", "sample_queries", "Policy", "Full", "WindowSink",
-           "TopK", "FocusedForcing", "POLICIES", "make_policy", "resolve_budget"]
+           "TopK", "FocusedForcing", "POLICIES", "make_policy", "resolve_budget", "auto_sample"]
