@@ -313,11 +313,17 @@ class Job:
                                        **common)
 
                 def save_checkpoint(st) -> None:
-                    wmeta, wtensors = writer.writer_state()  # waits for the queued blocks first
+                    # The engine's state is copied now; the file is written by the writer's thread
+                    # once the blocks queued before it are on disk, so denoising does not wait.
                     emeta, etensors = st.to_checkpoint()
-                    tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
-                    resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict(),
-                                      "run_id": writer.manifest["created_at"]}, tensors)
+                    etensors = {k: v.detach().to("cpu", copy=True) for k, v in etensors.items()}
+
+                    def save(wmeta, wtensors) -> None:
+                        tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
+                        resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict(),
+                                          "run_id": writer.manifest["created_at"]}, tensors)
+
+                    writer.checkpoint(save)
 
                 checkpoint = None if self.causal else save_checkpoint
                 writer.trace = self.trace

@@ -793,6 +793,23 @@ class RunWriter:
         self.sync()
         if self._finished:
             raise RuntimeError("RunWriter is finished")
+        return self._state()
+
+    def checkpoint(self, save) -> None:
+        """Call ``save(meta, tensors)`` with :meth:`writer_state`'s result as soon as every block
+        added so far is on disk, without waiting for that here: in background mode the worker
+        calls it in order, so denoising goes on while the queued blocks are decoded. A failing
+        ``save`` fails the writer like a failing block."""
+        if self._error is not None:
+            self.finish()  # raises the worker's error
+        if self._finished:
+            raise RuntimeError("RunWriter is finished")
+        if self._queue is None:
+            save(*self._state())
+        else:
+            self._queue.put(("checkpoint", save))
+
+    def _state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         m = self.manifest
         meta = {key: m[key] for key in ("blocks_written", "frames_written", "latent_frames_written", "video_bytes")}
         meta.update(gop=self.gop, mp4=self._mp4.state() if self._mp4 is not None else None, decoder=None)
@@ -898,7 +915,12 @@ class RunWriter:
             try:
                 if item is None:
                     return
-                if self._error is None:  # else keep draining so a blocked producer can always proceed
+                if self._error is not None:
+                    pass  # keep draining so a blocked producer can always proceed
+                elif item[0] == "checkpoint":
+                    with self._span("checkpoint", "write"):
+                        item[1](*self._state())
+                else:
                     self._write_block(*item)
             except BaseException as e:  # handed to the producer thread
                 self._error = e

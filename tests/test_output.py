@@ -554,6 +554,27 @@ def test_sync_waits_for_the_worker_and_reraises_its_error(tmp_path, vae):
     RunWriter(tmp_path / "plain", config={}, seed=0, blocks_total=1, frames_total=9, decode=False).sync()
 
 
+def test_queued_checkpoint_describes_every_block_added_before_it(tmp_path, vae):
+    """The background worker takes the writer's state for a checkpoint after the blocks queued
+    before it and before those queued after it; the caller does not wait for either."""
+    blocks = blocks6()
+    rw = new_run6(tmp_path / "bg", vae, background=True)
+    seen = []
+    for i in range(3):
+        rw.add_block(i, blocks[i])
+        if i == 1:
+            rw.checkpoint(lambda meta, tensors: seen.append((meta, {k: v.clone() for k, v in tensors.items()})))
+    rw.finish(complete=False)
+    ref = new_run6(tmp_path / "sync", vae)
+    for i in range(2):
+        ref.add_block(i, blocks[i])
+    want_meta, want_tensors = ref.writer_state()
+    ((meta, tensors),) = seen
+    assert meta["blocks_written"] == 2 and meta == want_meta
+    assert tensors.keys() == want_tensors.keys() and all(torch.equal(tensors[k], want_tensors[k]) for k in tensors)
+    ref.finish(complete=False)
+
+
 def test_resume_without_decoding(tmp_path):
     out = tmp_path / "run"
     rw = RunWriter(out, config={}, seed=0, blocks_total=3, frames_total=33, decode=False)
