@@ -21,9 +21,9 @@ import torch
 
 from kv_cache import KVStore, make_policy
 from . import schedule as sch
-from .comm import KIND_PACKET, KIND_PRED, Comm
+from .comm import KIND_PACKET, Comm
 from .config import Config, prompt_schedule
-from .engine import RunStats
+from .engine import Returns, RunStats, relay
 from .models import loader
 from .models.causal_wan import CausalWan, ChunkShape, LayerCache
 from .models.wan import MOD_ROWS
@@ -223,37 +223,15 @@ class CausalEngine:
         return self.plan.packet_shape(task, m.dim, m.tokens_per_frame(self.plan.lat_h, self.plan.lat_w))
 
     def _run_other(self) -> RunStats:
-        comm, plan, st = self.comm, self.plan, RunStats()
-        model = self.model
-        inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, self._packet_shape(t), model.dtype) for t in plan.tasks))
-        t0 = time.perf_counter()
-        for task in plan.tasks:
-            tw = time.perf_counter()
-            with self.trace.span("recv", "wait", task=task.index):
-                packet = inbox.next()
-            tc = time.perf_counter()
-            st.wait_s += tc - tw
-            if packet is None:  # rank 0 stopped the run at this iteration boundary
-                if not comm.is_last:
-                    comm.send_stop(comm.next, task.index, self._packet_shape(task), model.dtype)
-                st.stopped = True
-                break
+        plan, cw = self.plan, self.stage.model
+
+        def compute(task, packet):
             shape = plan.shape(task)
-            self.stage.model.release_prompts_before(plan.oldest_prompt(task))
-            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration):
-                packet = self.stage.run(packet, task, shape)
-                if comm.is_last:
-                    packet = self.stage.model.head(packet, shape, self.cfg.sampling.guidance)
-            st.compute_s += time.perf_counter() - tc
-            with self.trace.span("send", "send", task=task.index):
-                if comm.is_last:
-                    comm.send(packet, 0, KIND_PRED, task.index)
-                else:
-                    comm.send(packet, comm.next, KIND_PACKET, task.index)
-            st.tasks += 1
-        comm.flush()
-        st.wall_s = time.perf_counter() - t0
-        st.bytes_sent = comm.bytes_sent
+            cw.release_prompts_before(plan.oldest_prompt(task))
+            packet = self.stage.run(packet, task, shape)
+            return cw.head(packet, shape, self.cfg.sampling.guidance) if self.comm.is_last else packet
+
+        st = relay(self.comm, self.trace, plan.tasks, self._packet_shape, self.model.dtype, compute, self._name)
         st.cache_bytes = self.stage.cache_bytes()
         return st
 
@@ -265,11 +243,6 @@ class CausalEngine:
         cfg, comm, plan, st = self.cfg, self.comm, self.plan, RunStats()
         model = self.model
         state = CausalState(cfg, plan, model.out_channels, comm.device)
-        inbox = None
-        if comm.world > 1:
-            inbox = comm.inbox(comm.world - 1, ((KIND_PRED, t.index, plan.pred_shape(t, model.out_channels),
-                                                 torch.float32) for t in plan.tasks))
-        applied = -1
 
         def apply(task, pred) -> None:
             done = state.apply(task, pred)
@@ -281,19 +254,9 @@ class CausalEngine:
                 if progress is not None:
                     progress.block_done(task.chunk, plan.frames_of_block(task.chunk))
 
-        def drain(upto: int) -> None:
-            nonlocal applied
-            while applied < upto:
-                nxt = plan.tasks[applied + 1]
-                tw = time.perf_counter()
-                with self.trace.span("recv", "wait", task=nxt.index):
-                    pred = inbox.next()
-                tc = time.perf_counter()
-                st.wait_s += tc - tw
-                with self.trace.span(f"step {self._name(nxt)}", "scheduler", task=nxt.index):
-                    apply(nxt, pred)
-                st.compute_s += time.perf_counter() - tc
-                applied += 1
+        returns = Returns(comm, self.trace, plan.tasks, 0, lambda t: plan.pred_shape(t, model.out_channels), apply,
+                          self._name, st)
+        drain = returns.drain
 
         t0 = time.perf_counter()
         for task in plan.tasks:
@@ -316,7 +279,7 @@ class CausalEngine:
                     pred = self.stage.model.head(packet, shape, cfg.sampling.guidance)
             if comm.world == 1:
                 apply(task, pred)
-                applied = task.index
+                returns.applied = task.index
                 st.compute_s += time.perf_counter() - tc
             else:
                 st.compute_s += time.perf_counter() - tc

@@ -54,6 +54,66 @@ class RunStats:
     """Finished block latents (rank 0, only when ``keep_latents``)."""
 
 
+def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, patient=None) -> RunStats:
+    """The loop of every rank but the first: receive each task's packet from the previous rank,
+    ``compute(task, packet)`` on it, and pass the result on (the last rank sends its
+    prediction back to rank 0). A stop message from rank 0 ends the loop; it is passed on."""
+    st = RunStats()
+    inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, packet_shape(t), dtype) for t in tasks))
+    t0 = time.perf_counter()
+    for task in tasks:
+        tw = time.perf_counter()
+        with trace.span("recv", "wait", task=task.index):
+            packet = inbox.next(patient=bool(patient and patient(task)))
+        tc = time.perf_counter()
+        st.wait_s += tc - tw
+        if packet is None:  # rank 0 stopped the run at this iteration boundary
+            if not comm.is_last:
+                comm.send_stop(comm.next, task.index, packet_shape(task), dtype)
+            st.stopped = True
+            break
+        with trace.span(name(task), "compute", task=task.index, iteration=task.iteration):
+            out = compute(task, packet)
+        st.compute_s += time.perf_counter() - tc
+        with trace.span("send", "send", task=task.index):
+            if comm.is_last:
+                comm.send(out, 0, KIND_PRED, task.index)
+            else:
+                comm.send(out, comm.next, KIND_PACKET, task.index)
+        st.tasks += 1
+    comm.flush()
+    st.wall_s = time.perf_counter() - t0
+    st.bytes_sent = comm.bytes_sent
+    return st
+
+
+class Returns:
+    """Rank 0's end of the ring: predictions come back in task order and are applied in that order."""
+
+    def __init__(self, comm: Comm, trace: Trace, tasks, start: int, pred_shape, apply, name, stats: RunStats):
+        self.trace, self.tasks, self.apply, self.name, self.st = trace, tasks, apply, name, stats
+        self.applied = start - 1
+        """Index of the last task whose prediction has been applied (earlier ones: before ``start``)."""
+        self.inbox = None
+        if comm.world > 1:
+            expected = ((KIND_PRED, t.index, pred_shape(t), torch.float32) for t in tasks[start:])
+            self.inbox = comm.inbox(comm.world - 1, expected)
+
+    def drain(self, upto: int) -> None:
+        """Receive and apply every prediction up to task index ``upto``."""
+        while self.applied < upto:
+            nxt = self.tasks[self.applied + 1]
+            tw = time.perf_counter()
+            with self.trace.span("recv", "wait", task=nxt.index):
+                pred = self.inbox.next()
+            tc = time.perf_counter()
+            self.st.wait_s += tc - tw
+            with self.trace.span(f"step {self.name(nxt)}", "scheduler", task=nxt.index):
+                self.apply(nxt, pred)
+            self.st.compute_s += time.perf_counter() - tc
+            self.applied += 1
+
+
 class Plan:
     """Everything about the run's geometry that every rank derives identically."""
 
@@ -140,55 +200,30 @@ class Engine:
         return self._run_other(self.comm.broadcast_int(None), checkpoint_every)
 
     def _run_other(self, start_iteration: int, checkpoint_every: int = 0) -> RunStats:
-        comm, plan, st = self.comm, self.plan, RunStats()
+        plan, model, cfg = self.plan, self.stage.model, self.cfg
         self.stage.cache.clear()
-        model = self.stage.model
-        tasks = [t for t in plan.tasks if t.iteration >= start_iteration]
-        inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, plan.packet_shape(t, model), model.dtype) for t in tasks))
-        t0 = time.perf_counter()
-        for task in tasks:
+
+        def compute(task, packet):
             shape = plan.shape(task)
-            tw = time.perf_counter()
-            # Rank 0 may be writing a checkpoint before the first task of this iteration.
-            slow = checkpoint_every and task.iteration % checkpoint_every == 0 and task.newer is None
-            with self.trace.span("recv", "wait", task=task.index):
-                packet = inbox.next(patient=bool(slow))
-            tc = time.perf_counter()
-            st.wait_s += tc - tw
-            if packet is None:  # rank 0 stopped the run at this iteration boundary
-                if not comm.is_last:
-                    comm.send_stop(comm.next, task.index, plan.packet_shape(task, model), model.dtype)
-                st.stopped = True
-                break
-            with self.trace.span(f"b{task.block} s{task.step}", "compute", task=task.index, iteration=task.iteration):
-                packet = self.stage.run(packet, task, shape)
-                if comm.is_last:
-                    packet = self.stage.model.head(packet, shape, self.cfg.sampling.guidance)
-            st.compute_s += time.perf_counter() - tc
-            with self.trace.span("send", "send", task=task.index):
-                if comm.is_last:
-                    comm.send(packet, 0, KIND_PRED, task.index)
-                else:
-                    comm.send(packet, comm.next, KIND_PACKET, task.index)
-            st.tasks += 1
-        comm.flush()
-        st.wall_s = time.perf_counter() - t0
-        st.bytes_sent = comm.bytes_sent
-        return st
+            packet = self.stage.run(packet, task, shape)
+            return model.head(packet, shape, cfg.sampling.guidance) if self.comm.is_last else packet
+
+        def patient(task):  # rank 0 may be taking a checkpoint before the first task of this iteration
+            return checkpoint_every and task.iteration % checkpoint_every == 0 and task.newer is None
+
+        return relay(self.comm, self.trace, [t for t in plan.tasks if t.iteration >= start_iteration],
+                     lambda t: plan.packet_shape(t, model), model.dtype, compute, self._name, patient)
+
+    @staticmethod
+    def _name(task) -> str:
+        return f"b{task.block} s{task.step}"
 
     def _run_first(self, state, writer, progress, keep_latents, checkpoint, checkpoint_every, should_stop) -> RunStats:
         cfg, comm, plan, st = self.cfg, self.comm, self.plan, RunStats()
         model = self.stage.model
         tasks = [t for t in plan.tasks if t.iteration >= state.iteration]
         base = tasks[0].index if tasks else len(plan.tasks)
-        applied = base - 1  # everything before the start iteration is in `state`
         self.stage.cache.clear()
-        inbox = None
-        if comm.world > 1:
-            inbox = comm.inbox(
-                comm.world - 1,
-                ((KIND_PRED, t.index, plan.pred_shape(t, model.out_channels), torch.float32) for t in tasks),
-            )
         if progress is not None:
             progress.resume_from(base, state.blocks_done, sum(plan.frames_of_block(b) for b in range(state.blocks_done)))
 
@@ -202,19 +237,9 @@ class Engine:
                 if progress is not None:
                     progress.block_done(task.block, plan.frames_of_block(task.block))
 
-        def drain(upto: int) -> None:
-            nonlocal applied
-            while applied < upto:
-                nxt = plan.tasks[applied + 1]
-                tw = time.perf_counter()
-                with self.trace.span("recv", "wait", task=nxt.index):
-                    pred = inbox.next()
-                tc = time.perf_counter()
-                st.wait_s += tc - tw
-                with self.trace.span(f"step b{nxt.block} s{nxt.step}", "scheduler", task=nxt.index):
-                    apply(nxt, pred)
-                st.compute_s += time.perf_counter() - tc
-                applied += 1
+        returns = Returns(comm, self.trace, plan.tasks, base, lambda t: plan.pred_shape(t, model.out_channels), apply,
+                          self._name, st)
+        drain = returns.drain
 
         t0 = time.perf_counter()
         for task in tasks:
@@ -234,7 +259,7 @@ class Engine:
             # Wait for the results this input depends on, and keep the ring's load bounded.
             drain(max(task.needs, task.index - self.in_flight))
             tc = time.perf_counter()
-            with self.trace.span(f"b{task.block} s{task.step}", "compute", task=task.index, iteration=task.iteration):
+            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration):
                 x = state.input(task, shape.context)
                 st.peak_live_blocks = max(st.peak_live_blocks, state.live_blocks())
                 packet = model.embed(x, state.timesteps[task.step], plan.batch)
@@ -242,9 +267,9 @@ class Engine:
                 if comm.world == 1:
                     pred = model.head(packet, shape, cfg.sampling.guidance)
             if comm.world == 1:
-                with self.trace.span(f"step b{task.block} s{task.step}", "scheduler", task=task.index):
+                with self.trace.span(f"step {self._name(task)}", "scheduler", task=task.index):
                     apply(task, pred)
-                applied = task.index
+                returns.applied = task.index
                 st.compute_s += time.perf_counter() - tc
             else:
                 st.compute_s += time.perf_counter() - tc

@@ -87,7 +87,8 @@ def test_prompt_file_two_videos_one_model_load(root, cluster, tmp_path):
 
 def test_killing_an_actor_fails_the_job_cleanly(root, cluster, tmp_path):
     out = tmp_path / "run"
-    args = ["--frames", "161", "--set", "parallel.timeout_s=30", "--out", str(out)]
+    # one block may wait for the writer: denoising cannot finish far ahead of what is on disk
+    args = ["--frames", "161", "--set", "parallel.timeout_s=30", "--set", "output.queue_blocks=1", "--out", str(out)]
     p = ray_job(root, cluster, args)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
