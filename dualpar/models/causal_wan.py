@@ -99,8 +99,7 @@ class CausalWan:
 
     def _cross_kv(self, prompt: int):
         if prompt not in self._cross:
-            self.m.set_text(self._texts[prompt].to(self.m.device))
-            self._cross[prompt] = self.m._cross_kv
+            self._cross[prompt] = self.m.cross_kv(self._texts[prompt].to(self.m.device))
         return self._cross[prompt]
 
     def release_prompts_before(self, prompt: int) -> None:
@@ -122,23 +121,22 @@ class CausalWan:
     def _rotate(self, x: torch.Tensor, positions: list[int], height: int, width: int) -> torch.Tensor:
         """Rotate ``x`` [B, len(positions) * T, H, D] (frames in order) with Wan's 3-D RoPE."""
         ph, pw = self.m.patch_size[1:]
-        key = (height // ph, width // pw)
-        if key not in self._hw:
-            (ch, cw), (sh, sw) = self._hw_tables
-            hh, ww = key
+        hh, ww = height // ph, width // pw
+        if (hh, ww) not in self._hw:  # the spatial part of every frame's rotation: [T, h_dim + w_dim]
             def grid(th, tw):
                 return torch.cat([th[:hh].view(hh, 1, -1).expand(hh, ww, -1),
                                   tw[:ww].view(1, ww, -1).expand(hh, ww, -1)], -1).reshape(hh * ww, -1)
-            self._hw[key] = (grid(ch, cw), grid(sh, sw))
-        cos_hw, sin_hw = self._hw[key]
+
+            (ch, cw), (sh, sw) = self._hw_tables
+            self._hw[hh, ww] = (grid(ch, cw), grid(sh, sw))
         pos = torch.tensor(positions, dtype=torch.long, device=self._t[0].device)
-        t = cos_hw.shape[0]
+        n, t = len(positions), hh * ww
 
-        def full(table_t, table_hw):
-            ft = table_t[pos].view(len(positions), 1, -1).expand(-1, t, -1)
-            return torch.cat([ft, table_hw.view(1, t, -1).expand(len(positions), -1, -1)], -1).reshape(1, -1, 1, ft.shape[-1] + table_hw.shape[-1])
+        def table(temporal, spatial):  # [1, n * T, 1, D]
+            per_frame = temporal[pos].view(n, 1, -1).expand(n, t, -1)
+            return torch.cat([per_frame, spatial.view(1, t, -1).expand(n, t, -1)], -1).reshape(1, n * t, 1, -1)
 
-        cos, sin = full(self._t[0], cos_hw), full(self._t[1], sin_hw)
+        cos, sin = table(self._t[0], self._hw[hh, ww][0]), table(self._t[1], self._hw[hh, ww][1])
         return apply_rope(x, cos.to(x.device), sin.to(x.device))
 
     # -- rank 0: embedding -----------------------------------------------------

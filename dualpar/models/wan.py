@@ -124,13 +124,17 @@ class WanSlice(nn.Module):
 
     def set_text(self, text: torch.Tensor) -> None:
         """Cache each owned layer's cross-attention K/V: they depend only on the prompt."""
+        self._cross_kv = self.cross_kv(text)
+
+    def cross_kv(self, text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each owned layer's cross-attention K/V for a projected text context [B, S, dim]."""
         kv = []
         for blk in self.layers:
             a = blk.attn2
             k = a.norm_k(a.to_k(text)).unflatten(2, (a.heads, -1))
             v = a.to_v(text).unflatten(2, (a.heads, -1))
             kv.append((k, v))
-        self._cross_kv = kv
+        return kv
 
     def _rope(self, frames: int, height: int, width: int):
         key = (frames, height, width)
