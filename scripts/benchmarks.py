@@ -34,6 +34,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import bench  # noqa: E402
+import bench_causal  # noqa: E402
 import bench_speedup  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join("configs", "tiny.yaml")
@@ -43,10 +44,13 @@ DUALPAR_HEADLINE = {"latency": 6.54, "memory": 1.48, "gpus": "8x RTX 4090"}
 
 SETTINGS = {
     "full": dict(sweep_frames=[65, 129, 257, 513, 1025], speedup_frames=None, repeat=2,
-                 sim_calib=dict(frames=257, block=8, num_cat=4), sim_target=dict(frames=513, block=4, num_cat=2)),
-    # Smoke test of the whole pipeline: short videos, one repeat, a small simulator case.
+                 sim_calib=dict(frames=257, block=8, num_cat=4), sim_target=dict(frames=513, block=4, num_cat=2),
+                 causal_args=[]),  # bench_causal.py's defaults: see its docstring
+    # Smoke test of the whole pipeline: short videos, one repeat, a small simulator case; the causal
+    # section on bench_causal.py's quick cases with one repeat and the staggered schedule only (2 launches).
     "quick": dict(sweep_frames=[33, 65], speedup_frames=33, repeat=1,
-                  sim_calib=dict(frames=65, block=8, num_cat=4), sim_target=dict(frames=33, block=4, num_cat=2)),
+                  sim_calib=dict(frames=65, block=8, num_cat=4), sim_target=dict(frames=33, block=4, num_cat=2),
+                  causal_args=["--quick", "--schedules", "staggered"]),
 }
 
 
@@ -569,6 +573,138 @@ def render_projection(data: dict, ctx: Ctx) -> str:
         *table, "", *(f"* {b}" for b in bullets)])
 
 
+# -- causal mode -----------------------------------------------------------------------------
+
+
+def run_causal(ctx: Ctx) -> dict:
+    s = ctx.settings
+    out = os.path.join(ctx.work, "causal.json")
+    args = ["--config", ctx.config, "--speedup", "--kernel", "--repeat", s["repeat"], *s["causal_args"]]
+    run_script("bench_causal.py", *args, "--json", out)
+    return dict(read_json(out), command=command("bench_causal.py", *args))
+
+
+def _list(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def causal_reading(data: dict) -> list[str]:
+    """A few sentences of reading, every figure taken from ``data`` (bench_causal.py's JSON)."""
+    bullets = []
+    rows = data.get("results", [])
+    at = {}
+    if rows:
+        full = rows[0]
+        b0 = data["budgets"][0]
+        at = {r["policy"]: r for r in rows[1:] if r["budget"] == b0}
+    if at:
+        def mem(p):
+            return at[p]["cache_bytes"] / full["cache_bytes"]
+
+        def attn(p):
+            return at[p]["attn_ms"] / full["attn_ms"]
+
+        text = (f"At budget {b0:g} ({next(iter(at.values()))['budget_frames']} of {data['latent_frames']} latent "
+                f"frames), against the full cache: ")
+        parts = []
+        if "window" in at:
+            parts.append(f"window holds {mem('window'):.2f}x the memory and spends {attn('window'):.2f}x the "
+                         f"attention time per chunk")
+        def select_share(p):
+            return at[p]["select_ms"] / at[p]["attn_ms"]
+
+        scored = [p for p in ("topk", "focused") if p in at]
+        if scored:
+            parts.append(f"{' and '.join(scored)} hold {' / '.join(f'{mem(p):.2f}x' for p in scored)} (their pool of "
+                         f"{at[scored[0]]['cache_frames']} frames) and spend "
+                         f"{' / '.join(f'{attn(p):.2f}x' for p in scored)}, of which selection scoring is "
+                         f"{' / '.join(f'{select_share(p):.0%}' for p in scored)}")
+        bullets.append(text + "; ".join(parts) + ".")
+        dev = sorted(at.values(), key=lambda r: r["deviation"]["rel_l2_mean"])
+        late = min(at.values(), key=lambda r: r["deviation"]["rel_l2_last_quarter"])
+        d0, d1 = dev[0]["deviation"], dev[-1]["deviation"]
+        if late["policy"] == dev[0]["policy"]:
+            late_text = f"{late['policy']} also deviates least over the last quarter"
+        else:
+            late_text = (f"over the last quarter alone {late['policy']} deviates least "
+                         f"({late['deviation']['rel_l2_last_quarter']:.2e})")
+        bullets.append(
+            f"Closest to the full cache: {dev[0]['policy']} (relative L2 {d0['rel_l2_mean']:.2e} over all chunks, "
+            f"{d0['rel_l2_last_quarter']:.2e} over the last quarter); farthest: {dev[-1]['policy']} "
+            f"({d1['rel_l2_mean']:.2e} / {d1['rel_l2_last_quarter']:.2e}); {late_text}. With random weights these "
+            "are fidelity figures, not quality.")
+    sp = data.get("speedup")
+    if sp:
+        res = {(r["schedule"], r["ranks"]): r for r in sp["results"]}
+        n0, n = sp["ranks"][0], sp["ranks"][-1]
+        parts = []
+        for sched in sp["schedules"]:
+            r = res[(sched, n)]
+            parts.append(f"{sched} {r['speedup']:.2f}x (busy {' / '.join(f'{b:.0%}' for b in r['busy'])})")
+        text = f"On {n} ranks over {n0}, same schedule: {'; '.join(parts)}."
+        if ("staggered", n) in res and res[("staggered", n)]["vs_sequential_1"] is not None:
+            st1 = res.get(("staggered", n0))
+            text += (f" Staggered on {n} ranks runs {res[('staggered', n)]['vs_sequential_1']:.2f}x the sequential "
+                     f"schedule on {n0}")
+            if st1:
+                text += (f" (on {n0} rank{'s' if n0 > 1 else ''} the staggered loop takes "
+                         f"{1 / st1['vs_sequential_1']:.2f}x the sequential one: its chunks also attend to their "
+                         "in-flight predecessors' keys/values)")
+            text += "."
+        diffs = [r["latents_max_abs_vs_base"] for r in sp["results"] if r["latents_max_abs_vs_base"] is not None]
+        if diffs:
+            worst = max(diffs)
+            text += (f" The latents on {n} ranks equal the {n0}-rank run's "
+                     + ("exactly" if worst == 0.0 else f"to within {worst:.1e} (largest absolute difference)")
+                     + f" for {_list(sp['schedules'])}.")
+        bullets.append(text)
+    k = data.get("kernel")
+    if k:
+        by = {(r["tokens"], r["policy"]): r for r in k["results"]}
+        tokens = sorted({r["tokens"] for r in k["results"]})
+        lo, hi = tokens[0], tokens[-1]
+        scored = [p for p in ("topk", "focused") if (lo, p) in by]
+        if scored and lo != hi:
+            def share(t, p):
+                return by[(t, p)]["select_ms"] / by[(t, p)]["attend_ms"]
+
+            trend = "shrinks" if all(share(hi, p) < share(lo, p) for p in scored) else "does not shrink"
+            text = (f"Selection scoring {trend} relative to attention as frames grow: select's time over the "
+                    f"attention kernel's goes from {share(lo, scored[0]):.1%} at {lo} tokens per frame to "
+                    f"{share(hi, scored[0]):.1%} at {hi} for {scored[0]}"
+                    + "".join(f", from {share(lo, p):.1%} to {share(hi, p):.1%} for {p}" for p in scored[1:]) + ".")
+            if (lo, "window") in by:
+                def over(t, p):
+                    return by[(t, p)]["total_ms"] / by[(t, "window")]["total_ms"]
+
+                text += (f" Against the window at the same {k['budget_frames']}-frame budget (no scoring, one "
+                         "attention over its store), the whole call (store read, select, gathered attention) costs "
+                         + "; ".join(f"{p} {over(lo, p):.2f}x at {lo} and {over(hi, p):.2f}x at {hi}" for p in scored)
+                         + f"; against the full cache over {k['history']} frames at {hi} tokens, "
+                         + _list([f"{p} {by[(hi, p)]['vs_full']:.2f}x" for p in ("window", *scored)])
+                         + f" (budget {k['budget']:.0%}).")
+            bullets.append(text)
+    return bullets
+
+
+def render_causal(data: dict, ctx: Ctx) -> str:
+    out = ["## Causal mode: KV-cache policies, schedules, attention kernel", "",
+           f"`{data['command']}` (three parts, {data['total_s'] / 60:.0f} min in all).", ""]
+    if "results" in data:
+        out += ["### Policies at equal budgets", "",
+                bench_causal.table(data["results"], data["results"][0]), "", bench_causal.policy_caption(data), ""]
+    if "speedup" in data:
+        out += ["### Speed-up over ranks", "",
+                bench_causal.speedup_table(data["speedup"]), "", bench_causal.speedup_caption(data["speedup"]), ""]
+    if "kernel" in data:
+        out += ["### Attention kernel at Wan's frame sizes", "",
+                bench_causal.kernel_table(data["kernel"]), "", bench_causal.kernel_caption(data["kernel"]), ""]
+    reading = causal_reading(data)
+    if reading:
+        out += ["Reading:", "", *(f"* {b}" for b in reading)]
+    return "\n".join(out).rstrip()
+
+
 SECTIONS = [
     Section("sweep", run_sweep, render_sweep),
     Section("speedup", run_speedup, render_speedup),
@@ -576,6 +712,7 @@ SECTIONS = [
     Section("timelines", None, render_timelines),
     Section("simulator", run_simulator, render_simulator),
     Section("projection", run_projection, render_projection),
+    Section("causal", run_causal, render_causal),
 ]
 
 

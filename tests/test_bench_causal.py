@@ -1,5 +1,5 @@
-"""scripts/bench_causal.py on its quick case: well-formed output, exact self-agreement of the full cache,
-bounded policies holding less memory (no timing assertions)."""
+"""scripts/bench_causal.py on its quick cases: well-formed output, exact self-agreement of the full cache,
+bounded policies holding less memory; the speed-up and kernel parts' tables (no timing assertions)."""
 
 import json
 import os
@@ -53,3 +53,62 @@ def test_bench_causal_quick(root, tmp_path):
     for name, ln in zip(BOUNDED, lines[3:]):
         assert ln.startswith(f"| {name} | 0.25 = 4 |")
     assert "random-weight" in res.stdout and "not visual quality" in res.stdout
+
+
+def test_bench_causal_speedup_and_kernel_quick(root, tmp_path):
+    """The two other parts alone (--no-policies): the launcher on 1 and 2 ranks per schedule, the kernel sweep."""
+    out = tmp_path / "bench_causal.json"
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "bench_causal.py"), "--quick", "--no-policies",
+                          "--speedup", "--kernel", "--repeat", "1", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "results" not in data and {"speedup", "kernel"} <= set(data)
+
+    sp = data["speedup"]
+    assert sp["ranks"] == [1, 2] and sp["schedules"] == ["sequential", "staggered"] and sp["repeat"] == 1
+    assert len(sp["runs"]) == 4 and all(r["loop_s"] > 0 for r in sp["runs"])
+    case = sp["case"]
+    assert case["frames"] == 61 and case["latent_frames"] == 16 and case["policy"] == "window"
+    assert case["budget_frames"] == 4 and case["chunks"] == 5
+    rows = sp["results"]
+    assert [(r["schedule"], r["ranks"]) for r in rows] == [("sequential", 1), ("sequential", 2),
+                                                          ("staggered", 1), ("staggered", 2)]
+    for r in rows:
+        assert r["loop_s"] > 0 and r["speedup"] > 0 and r["vs_sequential_1"] > 0
+        assert len(r["busy"]) == len(r["kv_cache_mb"]) == r["ranks"] and all(0 <= b <= 1.05 for b in r["busy"])
+        assert r["chunks"] == case["chunks"]
+        assert (r["latents_max_abs_vs_base"] is None) == (r["ranks"] == 1)
+    assert rows[0]["speedup"] == rows[2]["speedup"] == 1.0 and rows[0]["vs_sequential_1"] == 1.0
+    # each rank of 2 holds the caches of its half of the layers
+    assert abs(sum(rows[1]["kv_cache_mb"]) - rows[0]["kv_cache_mb"][0]) < 1e-6
+
+    k = data["kernel"]
+    assert k["sizes"] == ["64x64", "96x128"] and k["history"] == 16 and k["query_frames"] == 3
+    assert k["budget_frames"] == 4
+    assert [(r["tokens"], r["policy"]) for r in k["results"]] == [
+        (t, p) for t in (16, 48) for p in ("full", *BOUNDED)]
+    for r in k["results"]:
+        assert min(r["read_ms"], r["select_ms"], r["attend_ms"]) >= 0 and r["total_ms"] > 0
+        if r["policy"] == "full":
+            assert r["store_frames"] == r["attended_frames"] == 16 and r["vs_full"] == 1.0
+        elif r["policy"] == "window":
+            assert r["store_frames"] == r["attended_frames"] == 4
+        else:  # a pool of max(1.5 x 4, 4 + 3 sinks) = 7 frames, 4 chosen per query frame and head
+            assert r["store_frames"] == 7 and r["attended_frames"] == 4 and r["sample"] == 4
+
+    tables = []
+    for ln in res.stdout.splitlines():
+        if ln.startswith("|"):
+            if not tables or not prev.startswith("|"):
+                tables.append([])
+            tables[-1].append(ln)
+        prev = ln
+    assert len(tables) == 2
+    speed, kern = tables
+    assert speed[0].startswith("| schedule | ranks | loop s |") and len(speed) == 2 + 4
+    assert kern[0].startswith("| frame (tokens) | policy |") and len(kern) == 2 + 8
+    for t in tables:
+        assert all(ln.count("|") == t[0].count("|") for ln in t) and set(t[1]) <= set("|-")
+    assert speed[2].startswith("| sequential | 1 |") and speed[5].startswith("| staggered | 2 |")
+    assert "(reference)" in speed[2] and kern[2].startswith("| 64x64 (16) | full | 16 | 16 |")

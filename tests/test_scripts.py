@@ -47,7 +47,10 @@ def test_benchmarks_quick_writes_every_section(root, tmp_path):
     for header in ("| run | frames | loop s | end-to-end s |",  # length sweep
                    "| ranks | loop s | speed-up | frames/s |",  # 2 ranks over 1
                    "| run (2 ranks, decode off) | predicted loop s | measured loop s | error |",  # simulator
-                   "| GPUs | model | ranks | block | wall s |"):  # projection
+                   "| GPUs | model | ranks | block | wall s |",  # projection
+                   "| policy | budget (frames) | cache frames |",  # causal: policies
+                   "| schedule | ranks | loop s |",  # causal: speed-up
+                   "| frame (tokens) | policy | store frames |"):  # causal: attention kernel
         assert header in md
     for frames in (33, 65):
         assert f"| pipelined-2 | {frames} |" in md
@@ -57,8 +60,19 @@ def test_benchmarks_quick_writes_every_section(root, tmp_path):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         assert f"](docs/benchmarks/{name})" in md
     results = json.loads((plots / "results.json").read_text())
-    assert {"meta", "sweep", "speedup", "simulator", "projection"} <= set(results)
+    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal"} <= set(results)
     assert results["sweep"]["trace"]["spans"]
+    # The causal section: its three tables, their rows, and a reading computed from them.
+    causal = md[md.index("## Causal mode"):]
+    rows = [ln for ln in causal.splitlines() if ln.startswith("| ")]
+    for name in ("full", "window", "topk", "focused"):
+        assert any(ln.startswith(f"| {name} | ") for ln in rows)
+    assert [ln.split(" | ")[:2] for ln in rows if ln.startswith("| staggered |")] == [["| staggered", "1"],
+                                                                                   ["| staggered", "2"]]
+    c = results["causal"]
+    assert len([ln for ln in rows if ln.split(" | ")[1] in ("full", "window", "topk", "focused")]) == \
+        len(c["kernel"]["results"]) == 4 * len(c["kernel"]["sizes"])
+    assert "Reading:" in causal and "On 2 ranks over 1" in causal and "Closest to the full cache" in causal
     # The markdown is a pure function of results.json.
     again = tmp_path / "again.md"
     res = subprocess.run([sys.executable, script, "--render-only", "--out", str(again), "--plots", str(plots)],
