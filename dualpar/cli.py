@@ -56,11 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+def apply_sets(cfg: Config, items: list[str]) -> None:
+    """Apply ``--set SECTION.KEY=VALUE`` overrides (values in YAML syntax)."""
     import yaml
 
-    cfg = load_config(args.config, base)
-    for item in args.set:
+    for item in items:
         key, eq, raw = item.partition("=")
         if not eq:
             raise ConfigError(f"--set expects SECTION.KEY=VALUE, got '{item}'")
@@ -69,6 +69,11 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
         except yaml.YAMLError:
             raise ConfigError(f"--set {key}: cannot parse value '{raw}'") from None
         cfg.set(key.strip(), value, source="--set")
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    cfg = load_config(args.config, base)
+    apply_sets(cfg, args.set)
     for flag, (key, _, _) in _FLAGS.items():
         val = getattr(args, flag)
         if val is not None:

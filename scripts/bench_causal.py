@@ -543,8 +543,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)
-    import yaml
-
+    from dualpar.cli import apply_sets
     from dualpar.config import Config, ConfigError, load_config
     from dualpar.models import loader
 
@@ -571,15 +570,7 @@ def main(argv=None) -> int:
                   head_dim=kq["head_dim"], repeat=args.kernel_repeat or kq["repeat"])
     sq = SPEEDUP_QUICK if args.quick else SPEEDUP
     try:
-        for item in args.set:
-            key, eq, raw = item.partition("=")
-            if not eq:
-                raise ConfigError(f"--set expects SECTION.KEY=VALUE, got '{item}'")
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                raise ConfigError(f"--set {key}: cannot parse value '{raw}'") from None
-            cfg.set(key.strip(), value, source="--set")
+        apply_sets(cfg, args.set)
         cfg.validate(1, loader.num_layers(cfg))
         for b in budgets:
             cfg.causal.budget = b
