@@ -23,7 +23,7 @@ from kv_cache import KVStore, make_policy
 from . import schedule as sch
 from .comm import KIND_PACKET, Comm
 from .config import Config, prompt_schedule
-from .engine import Returns, RunStats, relay
+from .engine import Geometry, Returns, RunStats, relay
 from .models import loader
 from .models.causal_wan import CausalWan, ChunkShape, LayerCache
 from .models.wan import MOD_ROWS
@@ -47,20 +47,15 @@ def chunk_noise(seed: int, chunk: int, step: int, shape: tuple[int, ...]) -> tor
     return torch.randn(shape, generator=g, dtype=torch.float32)
 
 
-class CausalPlan:
-    """The causal run's geometry, derived identically on every rank."""
+class CausalPlan(Geometry):
+    """The causal run's geometry and task list (its blocks are the chunks)."""
 
     def __init__(self, cfg: Config, world: int, num_layers: int):
         c = cfg.causal
-        self.cfg = cfg
-        self.blocks = sch.split_blocks(cfg.video.latent_frames, c.chunk)  # the chunks
+        super().__init__(cfg, world, num_layers, c.chunk)
         self.steps = len(c.timestep_list())
         self.tasks = sch.make_causal_tasks(len(self.blocks), self.steps, staggered=c.schedule == "staggered")
         self.num_iterations = self.tasks[-1].iteration + 1
-        self.layers = sch.split_layers(num_layers, world)
-        self.lat_h = cfg.video.height // loader.VAE_SPATIAL
-        self.lat_w = cfg.video.width // loader.VAE_SPATIAL
-        self.batch = 2 if cfg.sampling.guidance > 1.0 else 1
         self.prompts = prompt_schedule(cfg.sampling.prompt, cfg.video.frames)
         # A chunk uses the last prompt that starts at or before its first output frame.
         self.prompt_of = []
@@ -82,12 +77,8 @@ class CausalPlan:
         f = self.blocks[task.chunk].frames
         return (self.batch, f * tokens_per_frame + MOD_ROWS * f, dim)
 
-    def pred_shape(self, task: sch.CausalTask, channels: int) -> tuple[int, ...]:
-        return (1, channels, self.blocks[task.chunk].frames, self.lat_h, self.lat_w)
-
-    def frames_of_block(self, b: int) -> int:
-        blk = self.blocks[b]
-        return sch.pixel_frames(blk.start, blk.frames)
+    def block_of(self, task: sch.CausalTask) -> int:
+        return task.chunk
 
 
 class CausalStage:

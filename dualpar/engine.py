@@ -114,18 +114,36 @@ class Returns:
             self.applied += 1
 
 
-class Plan:
-    """Everything about the run's geometry that every rank derives identically."""
+class Geometry:
+    """What every rank derives identically in either mode: the blocks (or chunks) of the
+    video, the layer split, the latent size and the CFG batch."""
 
-    def __init__(self, cfg: Config, world: int, num_layers: int):
+    def __init__(self, cfg: Config, world: int, num_layers: int, block: int):
         self.cfg = cfg
-        self.blocks = sch.split_blocks(cfg.video.latent_frames, cfg.parallel.block)
-        self.tasks = sch.make_tasks(len(self.blocks), cfg.sampling.steps)
-        self.num_iterations = sch.num_iterations(len(self.blocks), cfg.sampling.steps)
+        self.blocks = sch.split_blocks(cfg.video.latent_frames, block)
         self.layers = sch.split_layers(num_layers, world)
         self.lat_h = cfg.video.height // loader.VAE_SPATIAL
         self.lat_w = cfg.video.width // loader.VAE_SPATIAL
         self.batch = 2 if cfg.sampling.guidance > 1.0 else 1
+
+    def block_of(self, task) -> int:
+        return task.block
+
+    def pred_shape(self, task, channels: int) -> tuple[int, ...]:
+        return (1, channels, self.blocks[self.block_of(task)].frames, self.lat_h, self.lat_w)
+
+    def frames_of_block(self, b: int) -> int:
+        blk = self.blocks[b]
+        return sch.pixel_frames(blk.start, blk.frames)
+
+
+class Plan(Geometry):
+    """The block-wise run's geometry and task list."""
+
+    def __init__(self, cfg: Config, world: int, num_layers: int):
+        super().__init__(cfg, world, num_layers, cfg.parallel.block)
+        self.tasks = sch.make_tasks(len(self.blocks), cfg.sampling.steps)
+        self.num_iterations = sch.num_iterations(len(self.blocks), cfg.sampling.steps)
 
     def shape(self, task: sch.Task) -> BlockShape:
         lay = sch.layout(task, self.blocks, self.cfg.parallel.num_cat, self.cfg.sampling.steps)
@@ -136,13 +154,6 @@ class Plan:
     def packet_shape(self, task: sch.Task, model) -> tuple[int, ...]:
         s = self.shape(task)
         return (self.batch, s.frames * model.tokens_per_frame(self.lat_h, self.lat_w) + MOD_ROWS, model.dim)
-
-    def pred_shape(self, task: sch.Task, channels: int) -> tuple[int, ...]:
-        return (1, channels, self.blocks[task.block].frames, self.lat_h, self.lat_w)
-
-    def frames_of_block(self, b: int) -> int:
-        blk = self.blocks[b]
-        return sch.pixel_frames(blk.start, blk.frames)
 
 
 class Engine:
