@@ -201,10 +201,12 @@ class CausalWan:
         q_r = self._rotate(q, self.positions(own, end), *hw)
         if absolute:  # keys are kept rotated: the history is never rotated again
             k = self._rotate(k, own, *hw)
-        pend_frames = [fr for frames, _, _ in cache.pending for fr in frames]
         k_now = torch.cat([pk for _, pk, _ in cache.pending] + [k], 1)
         v_now = torch.cat([pv for _, _, pv in cache.pending] + [v], 1)
-        k_now_r = k_now if absolute else self._rotate(k_now, self.positions(pend_frames + own, end), *hw)
+        k_now_r = k_now
+        if not absolute:
+            pend_frames = [fr for frames, _, _ in cache.pending for fr in frames]
+            k_now_r = self._rotate(k_now, self.positions(pend_frames + own, end), *hw)
         hist_frames, k_hist, v_hist = cache.store.ordered()
         selection, k_hist_r = None, None
         if hist_frames:
