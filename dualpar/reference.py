@@ -88,12 +88,15 @@ class _BlockCausal:
 
 @torch.no_grad()
 def causal_reference(cfg: Config, transformer, prompt_states: torch.Tensor) -> list[torch.Tensor]:
-    """The sequential causal schedule computed without any KV cache: every pass of every chunk
-    re-runs diffusers' own ``WanTransformer3DModel.forward`` over the whole history.
+    """Either causal schedule computed without any KV cache: each iteration re-runs diffusers'
+    own ``WanTransformer3DModel.forward`` over the whole video so far.
 
-    The input is ``[clean latents of all earlier chunks] + [this chunk]`` with
-    per-token timesteps (0 for the history), and every self-attention gets a
-    block-causal mask (a chunk's tokens see their own chunk and earlier ones).
+    The input is ``[clean latents of every finished chunk] + [every chunk in
+    flight, at its current step]`` with per-token timesteps (0 for the clean
+    ones), and every self-attention gets a block-causal mask (a chunk's tokens
+    see their own chunk and earlier ones). Sequential: one chunk is in flight
+    and the next enters when it is clean. Staggered: a new chunk enters every
+    iteration, and a chunk that took its last step is clean from the next one.
     ``prompt_states`` are the text-encoder states [B, S, d] (B = 2 with
     guidance: cond, uncond). Returns each chunk's clean latents.
     """
@@ -106,36 +109,43 @@ def causal_reference(cfg: Config, transformer, prompt_states: torch.Tensor) -> l
     p = transformer.config.patch_size
     tpf = (h // p[1]) * (w // p[2])
     batch = prompt_states.shape[0]
+    staggered = cfg.causal.schedule == "staggered"
     inner = [blk.attn1.processor for blk in transformer.blocks]
     clean: list[torch.Tensor] = []
+    flight: dict[int, tuple[torch.Tensor, int]] = {}  # chunk -> (latents, step)
     try:
-        for c, chunk in enumerate(chunks):
-            # chunk id of every token of [history + this chunk]
-            ids = torch.cat([torch.full((b.frames * tpf,), i) for i, b in enumerate(chunks[: c + 1])])
+        while len(clean) < len(chunks):
+            nxt = len(clean) + len(flight)
+            if nxt < len(chunks) and (staggered or not flight):
+                shape = (1, channels, chunks[nxt].frames, h, w)
+                flight[nxt] = (chunk_noise(cfg.sampling.seed, nxt, 0, shape), 0)
+            order = sorted(flight)
+            # chunk id of every token of [clean chunks + chunks in flight]
+            ids = torch.cat([torch.full((b.frames * tpf,), i) for i, b in enumerate(chunks[: order[-1] + 1])])
             mask = (ids[None, :] <= ids[:, None])[None, None]
             for blk, proc in zip(transformer.blocks, inner):
                 blk.attn1.set_processor(_BlockCausal(proc, mask))
-            hist = torch.cat(clean, dim=2) if clean else None
-            shape = (1, channels, chunk.frames, h, w)
-            x = chunk_noise(cfg.sampling.seed, c, 0, shape)
-
-            def predict(latents: torch.Tensor, t: float) -> torch.Tensor:
-                full = torch.cat([hist, latents], dim=2) if hist is not None else latents
-                n_hist = full.shape[2] - chunk.frames
-                ts = torch.cat([torch.zeros(n_hist * tpf), torch.full((chunk.frames * tpf,), t)])
-                out = transformer(full.expand(batch, -1, -1, -1, -1), ts[None].expand(batch, -1), prompt_states,
-                                  return_dict=False)[0][:, :, n_hist:].float()
-                return out[1:] + cfg.sampling.guidance * (out[:1] - out[1:]) if batch == 2 else out
-
-            for s, sigma in enumerate(sig):
-                v = predict(x, sigma * 1000.0)
+            ts = [torch.zeros(x.shape[2] * tpf) for x in clean]
+            ts += [torch.full((flight[c][0].shape[2] * tpf,), sig[flight[c][1]] * 1000.0) for c in order]
+            video = torch.cat(clean + [flight[c][0] for c in order], dim=2)
+            out = transformer(video.expand(batch, -1, -1, -1, -1), torch.cat(ts)[None].expand(batch, -1),
+                              prompt_states, return_dict=False)[0].float()
+            out = out[1:] + cfg.sampling.guidance * (out[:1] - out[1:]) if batch == 2 else out
+            start = sum(x.shape[2] for x in clean)
+            for c in order:
+                x, s = flight[c]
+                v = out[:, :, start : start + x.shape[2]]
+                start += x.shape[2]
+                sigma = sig[s]
                 x0 = x - sigma * v
-                if s + 1 < len(sig):
-                    if cfg.causal.sampler == "euler":
-                        x = x + (sig[s + 1] - sigma) * v
-                    else:
-                        x = (1 - sig[s + 1]) * x0 + sig[s + 1] * chunk_noise(cfg.sampling.seed, c, s + 1, shape)
-            clean.append(x0)
+                if s + 1 == len(sig):
+                    del flight[c]
+                    clean.append(x0)
+                elif cfg.causal.sampler == "euler":
+                    flight[c] = (x + (sig[s + 1] - sigma) * v, s + 1)
+                else:
+                    noise = chunk_noise(cfg.sampling.seed, c, s + 1, x.shape)
+                    flight[c] = ((1 - sig[s + 1]) * x0 + sig[s + 1] * noise, s + 1)
     finally:
         for blk, proc in zip(transformer.blocks, inner):
             blk.attn1.set_processor(proc)

@@ -15,22 +15,15 @@ from dualpar.config import Config
 from dualpar.models import loader
 from dualpar.models.tiny import tiny_transformer
 from dualpar.reference import causal_reference
+from test_parallel import launch as run_gen
 
 # 13 latent frames in chunks of 3: chunks of 4, 3, 3, 3 latent frames.
 BASE = ["--mode", "causal", "--frames", "49", "--height", "32", "--width", "48", "--set", "model.text_len=32",
         "--seed", "5", "--no-progress"]
 
 
-def launch(root, n, out, extra=(), decode=False, expect=0, timeout=300):
-    cmd = [sys.executable]
-    if n > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    cmd += [os.path.join(root, "launch", "gen.py"), *BASE, *extra, "--out", str(out)]
-    if not decode:
-        cmd.append("--no-decode")
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert res.returncode == expect, res.stderr[-3000:]
-    return res
+def launch(root, n, out, extra=(), decode=False, expect=0):
+    return run_gen(root, n, out, extra, decode, base=BASE, expect=expect)
 
 
 def chunks(out):
@@ -43,18 +36,20 @@ def stats(out):
     return json.loads((out / "stats.json").read_text())
 
 
-@pytest.mark.parametrize("guidance,sampler", [(5.0, "reinject"), (1.0, "euler")])
-def test_full_cache_equals_block_causal_recompute(root, tmp_path, guidance, sampler):
-    """Sequential schedule with the full policy == diffusers' model re-run over the whole history
-    with a block-causal mask and per-token timesteps (no cache anywhere)."""
-    extra = ["--set", "causal.schedule=sequential", "--policy", "full", "--guidance", str(guidance),
+@pytest.mark.parametrize("schedule,guidance,sampler", [("sequential", 5.0, "reinject"), ("sequential", 1.0, "euler"),
+                                                       ("staggered", 5.0, "reinject")])
+def test_full_cache_equals_block_causal_recompute(root, tmp_path, schedule, guidance, sampler):
+    """The full policy == diffusers' model re-run every iteration over the whole video so far
+    (clean chunks and the chunks in flight) with a block-causal mask and per-token timesteps
+    (no cache anywhere)."""
+    extra = ["--set", f"causal.schedule={schedule}", "--policy", "full", "--guidance", str(guidance),
              "--set", f"causal.sampler={sampler}"]
     launch(root, 1, tmp_path / "run", extra)
     got = chunks(tmp_path / "run")
     cfg = Config()
     for key, val in {"video.frames": 49, "video.height": 32, "video.width": 48, "model.text_len": 32,
                      "sampling.seed": 5, "sampling.mode": "causal", "sampling.guidance": guidance,
-                     "causal.sampler": sampler}.items():
+                     "causal.sampler": sampler, "causal.schedule": schedule}.items():
         cfg.set(key, val)
     tok, enc = loader.load_text_encoder(cfg)
     prompts = [cfg.sampling.prompt, cfg.sampling.negative_prompt] if guidance > 1 else [cfg.sampling.prompt]
