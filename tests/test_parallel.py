@@ -24,16 +24,17 @@ ARGS = ["--frames", "89", "--height", "32", "--width", "48", "--block", "4", "--
         "--set", "model.text_len=32", "--seed", "11", "--no-progress"]
 
 
-def launch(root, n, out, extra=(), decode=False, timeout=300):
+def launch(root, n, out, extra=(), decode=False, timeout=300, base=ARGS, expect=0):
+    """``launch/gen.py`` on ``n`` ranks (torchrun for n > 1) with ``base`` then ``extra`` options."""
     cmd = [sys.executable]
     if n > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    cmd += [os.path.join(root, "launch", "gen.py"), *ARGS, *extra, "--out", str(out)]
+    cmd += [os.path.join(root, "launch", "gen.py"), *base, *extra, "--out", str(out)]
     if not decode:
         cmd.append("--no-decode")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == expect, res.stderr[-3000:]
     return res
 
 
