@@ -31,6 +31,9 @@ def test_bench_speedup_small_case(root):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [ln.split() for ln in res.stdout.splitlines() if ln.strip()[:1].isdigit()]
     assert [r[0] for r in rows] == ["1", "2"] and rows[0][2] == "1.00x"
+    # the second run really had two ranks (one busy figure each), and its speed-up is the ratio of loops
+    assert len(rows[0]) == 5 and len(rows[1]) == 6
+    assert abs(float(rows[1][2].rstrip("x")) - float(rows[0][1]) / float(rows[1][1])) < 0.02
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
