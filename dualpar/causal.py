@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from kv_cache import KVStore, make_policy
+from kv_cache import make_policy
 from . import schedule as sch
 from .comm import KIND_PACKET, Comm
 from .config import Config, prompt_schedule
@@ -95,12 +95,9 @@ class CausalStage:
         total = cfg.video.latent_frames
         policy = make_policy(c.policy, budget=c.budget, total_frames=total, sink=c.sink, pool=c.pool,
                              sample=c.sample, diversity=c.diversity)
-        cap = policy.capacity(total)
-        sink = min(policy.sink, cap - 1)
-        head_dim = m.dim // m.heads
-        self.caches = [LayerCache(KVStore(cap, batch=batch, tokens=m.tokens_per_frame(height, width), heads=m.heads,
-                                          head_dim=head_dim, dtype=m.dtype, device=m.device, sink=sink), policy)
-                       for _ in m.layers]
+        shape = dict(batch=batch, tokens=m.tokens_per_frame(height, width), heads=m.heads, head_dim=m.dim // m.heads,
+                     dtype=m.dtype, device=m.device)
+        self.caches = [LayerCache(policy.new_store(total, **shape), policy) for _ in m.layers]
         self._iteration = None
 
     def cache_bytes(self) -> int:

@@ -41,6 +41,15 @@ class Policy:
         """The logical frame to evict from a full store (never a sink)."""
         return store.oldest_evictable()
 
+    def queries_per_frame(self, tokens_per_frame: int) -> int:
+        """Queries per frame sampled to score history (0: the policy does not score)."""
+        return 0
+
+    def new_store(self, total_frames: int, **shape) -> KVStore:
+        """An empty store sized for this policy (``shape``: batch, tokens, heads, head_dim, dtype, device)."""
+        cap = self.capacity(total_frames)
+        return KVStore(cap, sink=min(self.sink, cap - 1), **shape)
+
 
 class Full(Policy):
     """Every committed frame, for every query frame and head: exact block-causal attention."""
@@ -101,8 +110,11 @@ class _Scored(Policy):
             raise ValueError("every stored frame is a sink")
         return best
 
+    def queries_per_frame(self, tokens_per_frame: int) -> int:
+        return self.sample or auto_sample(tokens_per_frame)
+
     def _mass(self, store, q, frames, k_hist, k_now) -> torch.Tensor:
-        per_frame = self.sample or auto_sample(q.shape[1] // frames)
+        per_frame = self.queries_per_frame(q.shape[1] // frames)
         mass = history_mass(sample_queries(q, frames, per_frame), k_hist, k_now)  # [Fq, H, n]
         slots = torch.tensor(store.slots(), dtype=torch.long, device=store.score.device)
         store.score[slots] = mass.mean(dim=(0, 1)).to(store.score.device)

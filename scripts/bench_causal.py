@@ -395,7 +395,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def run_kernel(sizes: list[tuple[int, int]], history: int, heads: int, head_dim: int, repeat: int, sink: int,
                pool: int, sample: int, diversity: float, seed: int = 0) -> dict:
     """Per frame size and policy: CPU ms of one ``store.ordered()``, ``policy.select`` and ``attend`` call."""
-    from kv_cache import KVStore, attend, auto_sample, make_policy, resolve_budget
+    from kv_cache import attend, make_policy, resolve_budget
 
     fq = KERNEL_QUERY_FRAMES
     rows = []
@@ -412,8 +412,7 @@ def run_kernel(sizes: list[tuple[int, int]], history: int, heads: int, head_dim:
         for name in ("full", *POLICIES):
             policy = make_policy(name, budget=KERNEL_BUDGET, total_frames=history, sink=sink, pool=pool,
                                  sample=sample, diversity=diversity)
-            cap = policy.capacity(history)
-            store = KVStore(cap, batch=1, tokens=t, heads=heads, head_dim=head_dim, sink=min(policy.sink, cap - 1))
+            store = policy.new_store(history, batch=1, tokens=t, heads=heads, head_dim=head_dim)
             for f in range(history):
                 store.commit(f, k_frames[f], v_frames[f], policy.victim)
             best = [float("inf")] * 3
@@ -437,7 +436,7 @@ def run_kernel(sizes: list[tuple[int, int]], history: int, heads: int, head_dim:
                 # history frames each (query frame, head) attends to: the selection's width (focused pads its
                 # per-head budgets to the widest) or the whole store
                 "attended_frames": len(frames) if selection is None else selection.budget,
-                "sample": 0 if name in ("full", "window") else (sample or auto_sample(t)),
+                "sample": policy.queries_per_frame(t),
                 "read_ms": read, "select_ms": select, "attend_ms": kernel, "total_ms": total,
                 "vs_full": total / full_total,
             })
