@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,15 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench_speedup import run_once  # noqa: E402
+
 
 def baseline_worker(frames: int, config: str | None) -> dict:
     """One process: WanPipeline over the whole video, then one-shot VAE decode."""
     import torch
     from diffusers import WanPipeline
 
+    from dualpar.cli import peak_rss_mb
     from dualpar.config import load_config
     from dualpar.models import loader
 
@@ -54,7 +56,7 @@ def baseline_worker(frames: int, config: str | None) -> dict:
     pipe.set_progress_bar_config(disable=True)
     embeds = loader.encode_prompts(tok, te, [cfg.sampling.prompt, cfg.sampling.negative_prompt], cfg.model.text_len)
     lat = cfg.video.latent_frames
-    h, w = cfg.video.height // 8, cfg.video.width // 8
+    h, w = cfg.video.height // loader.VAE_SPATIAL, cfg.video.width // loader.VAE_SPATIAL
     noise = torch.randn(1, 16, lat, h, w, generator=torch.Generator().manual_seed(cfg.sampling.seed))
     t1 = time.perf_counter()
     latents = pipe(prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:], latents=noise,
@@ -67,8 +69,7 @@ def baseline_worker(frames: int, config: str | None) -> dict:
     video = StreamingDecoder(vae).decode_block(latents)  # one block = the whole video: a one-shot decode
     assert video.shape[2] == frames
     t3 = time.perf_counter()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"loop_s": t2 - t1, "total_s": t3 - t0, "ranks": [{"rank": 0, "peak_rss_mb": rss, "bytes_sent": 0,
+    return {"loop_s": t2 - t1, "total_s": t3 - t0, "ranks": [{"rank": 0, "peak_rss_mb": peak_rss_mb(), "bytes_sent": 0,
                                                               "idle": 0.0}]}
 
 
@@ -81,18 +82,8 @@ def run_baseline(frames: int, config: str | None) -> dict:
 
 
 def run_engine(n: int, frames: int, config: str | None, out: str, trace: bool) -> dict:
-    cmd = [sys.executable]
-    if n > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    cmd += [os.path.join(ROOT, "launch", "gen.py"), "--frames", str(frames), "--no-progress", "--overwrite",
-            "--set", "output.checkpoint_every=0", "--out", out] + (["--config", config] if config else [])
-    if trace:
-        cmd.append("--trace")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if res.returncode:
-        sys.exit(f"{n}-rank run failed at {frames} frames:\n{res.stderr[-3000:]}")
-    with open(os.path.join(out, "stats.json")) as f:
-        s = json.load(f)
+    extra = ["--frames", str(frames), "--set", "output.checkpoint_every=0"] + (["--config", config] if config else [])
+    s = run_once(n, out, extra + (["--trace"] if trace else []), decode=True)
     for r in s["ranks"]:
         r["idle"] = 1.0 - r["busy_s"] / max(r["loop_s"], 1e-9)
     return s
@@ -123,6 +114,10 @@ def main() -> None:
     if args.worker:
         print(json.dumps(baseline_worker(args.worker, args.config)))
         return
+    from dualpar.config import load_config
+
+    if load_config(args.config).model.path:  # the baseline builds its transformer from the tiny preset
+        sys.exit("bench.py: the one-pass baseline runs the tiny preset only; use a config without model.path")
     results = []
     tmp = tempfile.TemporaryDirectory()
     base_dir = args.keep or tmp.name

@@ -22,11 +22,14 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_once(n: int, out: str, extra: list[str]) -> dict:
+def run_once(n: int, out: str, extra: list[str], decode: bool = False) -> dict:
+    """``launch/gen.py`` on ``n`` ranks (torchrun for n > 1); returns its stats.json."""
     cmd = [sys.executable]
     if n > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    cmd += [os.path.join(ROOT, "launch", "gen.py"), "--no-decode", "--no-progress", "--overwrite", "--out", out, *extra]
+    cmd += [os.path.join(ROOT, "launch", "gen.py"), "--no-progress", "--overwrite", "--out", out, *extra]
+    if not decode:
+        cmd.append("--no-decode")
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if res.returncode != 0:
         sys.exit(f"run with {n} ranks failed:\n{res.stderr[-3000:]}")

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import bench  # noqa: E402
 import bench_causal  # noqa: E402
 import bench_speedup  # noqa: E402
+from dualpar.output import atomic_write  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join("configs", "tiny.yaml")
 RANKS = 2  # the pipelined runs; this machine has 2 cores
@@ -769,9 +770,8 @@ def main() -> None:
             ctx.results[sec.key] = sec.run(ctx)
             meta["durations"][sec.key] = time.perf_counter() - t0
             meta["dates"][sec.key] = time.strftime("%Y-%m-%d")
-            # Saved after every section, so a failure later keeps what was measured.
-            with open(results_path, "w") as f:
-                json.dump(ctx.results, f, indent=1)
+            # Saved (atomically) after every section, so a failure later keeps what was measured.
+            atomic_write(plots, "results.json", json.dumps(ctx.results, indent=1).encode())
     ctx.config = ctx.results["meta"]["config"]
     render(ctx, out)
     tmp.cleanup()
