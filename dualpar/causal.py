@@ -27,7 +27,7 @@ from .engine import Geometry, Returns, RunStats, relay
 from .models import loader
 from .models.causal_wan import CausalWan, ChunkShape, LayerCache
 from .models.wan import MOD_ROWS
-from .trace import Trace
+from .trace import Clock, Stopwatch, Trace
 
 
 def sigmas(cfg: Config) -> list[float]:
@@ -103,12 +103,12 @@ class CausalStage:
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)
 
-    def run(self, packet: torch.Tensor, task: sch.CausalTask, shape: ChunkShape) -> torch.Tensor:
+    def run(self, packet: torch.Tensor, task: sch.CausalTask, shape: ChunkShape, out=None) -> torch.Tensor:
         if task.iteration != self._iteration:  # in-flight K/V live for one iteration
             for c in self.caches:
                 c.pending.clear()
             self._iteration = task.iteration
-        return self.model.forward_layers(packet, shape, self.caches)
+        return self.model.forward_layers(packet, shape, self.caches, out=out)
 
 
 class CausalState:
@@ -168,7 +168,6 @@ class CausalEngine:
         first, last = self.plan.layers[comm.rank]
         self.stage = CausalStage(CausalWan(loader.load_slice(cfg, first, last, comm.device), rope=cfg.causal.rope))
         self.in_flight = 2 * comm.world
-        comm.send_window = self.in_flight + 1
 
     @property
     def model(self):
@@ -213,13 +212,15 @@ class CausalEngine:
     def _run_other(self) -> RunStats:
         plan, cw = self.plan, self.stage.model
 
-        def compute(task, packet):
+        def compute(task, packet, out):
             shape = plan.shape(task)
             cw.release_prompts_before(plan.oldest_prompt(task))
-            packet = self.stage.run(packet, task, shape)
-            return cw.head(packet, shape, self.cfg.sampling.guidance) if self.comm.is_last else packet
+            if self.comm.is_last:
+                return cw.head(self.stage.run(packet, task, shape), shape, self.cfg.sampling.guidance, out=out)
+            return self.stage.run(packet, task, shape, out=out)
 
-        st = relay(self.comm, self.trace, plan.tasks, self._packet_shape, self.model.dtype, compute, self._name)
+        st = relay(self.comm, self.trace, plan.tasks, self._packet_shape, self.model.dtype, compute, self._name,
+                   lambda t: plan.pred_shape(t, self.model.out_channels))
         st.cache_bytes = self.stage.cache_bytes()
         return st
 
@@ -229,12 +230,14 @@ class CausalEngine:
 
     def _run_first(self, writer, progress, keep_latents, should_stop) -> RunStats:
         cfg, comm, plan, st = self.cfg, self.comm, self.plan, RunStats()
+        watch = Stopwatch(Clock(comm.device))
         model = self.model
         state = CausalState(cfg, plan, model.out_channels, comm.device)
 
         def apply(task, pred) -> None:
             done = state.apply(task, pred)
             if done is not None:
+                comm.check()  # nothing derived from a mismatched message reaches the output
                 if writer is not None:
                     writer.add_block(task.chunk, done)
                 if keep_latents:
@@ -243,8 +246,10 @@ class CausalEngine:
                     progress.block_done(task.chunk, plan.frames_of_block(task.chunk))
 
         returns = Returns(comm, self.trace, plan.tasks, 0, lambda t: plan.pred_shape(t, model.out_channels), apply,
-                          self._name, st)
+                          self._name, st, watch)
         drain = returns.drain
+        if comm.world > 1:
+            comm.reserve(comm.next, KIND_PACKET, [self._packet_shape(t) for t in plan.tasks], model.dtype)
 
         t0 = time.perf_counter()
         for task in plan.tasks:
@@ -258,19 +263,19 @@ class CausalEngine:
             drain(max(task.needs, task.index - self.in_flight))
             shape = plan.shape(task)
             self.stage.model.release_prompts_before(plan.oldest_prompt(task))
-            tc = time.perf_counter()
-            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration):
+            out = None if comm.world == 1 else comm.send_buffer(
+                comm.next, KIND_PACKET, self._packet_shape(task), model.dtype, task.index)
+            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration), \
+                    watch.measure("compute"):
                 x, t = state.input(task)
                 packet = self.stage.model.embed(x, t, plan.batch)
-                packet = self.stage.run(packet, task, shape)
+                packet = self.stage.run(packet, task, shape, out=out)
                 if comm.world == 1:
                     pred = self.stage.model.head(packet, shape, cfg.sampling.guidance)
+                    apply(task, pred)
             if comm.world == 1:
-                apply(task, pred)
                 returns.applied = task.index
-                st.compute_s += time.perf_counter() - tc
             else:
-                st.compute_s += time.perf_counter() - tc
                 with self.trace.span("send", "send", task=task.index):
                     comm.send(packet, comm.next, KIND_PACKET, task.index)
             st.tasks += 1
@@ -280,7 +285,6 @@ class CausalEngine:
         if not st.stopped:
             drain(len(plan.tasks) - 1)
         comm.flush()
-        st.wall_s = time.perf_counter() - t0
-        st.bytes_sent = comm.bytes_sent
+        st.finish(comm, watch, t0)
         st.cache_bytes = self.stage.cache_bytes()
         return st

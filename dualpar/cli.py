@@ -106,7 +106,7 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {path} is not writable")
 
 
-def check_device(name: str) -> str:
+def check_device(name: str, backend: str = "auto") -> str:
     """The device this rank uses for ``--device name`` (bare ``cuda`` means ``cuda:LOCAL_RANK``)."""
     import torch
 
@@ -121,10 +121,12 @@ def check_device(name: str) -> str:
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if dev.index is not None and local_ranks > 1:
-        raise ConfigError(f"--device {name}: {local_ranks} ranks on this machine cannot share one GPU; "
-                          "use --device cuda (each rank takes cuda:LOCAL_RANK)")
-    index = dev.index if dev.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    shared = backend == "gloo"  # gloo stages through host memory: ranks may share a GPU
+    if dev.index is not None and local_ranks > 1 and not shared:
+        raise ConfigError(f"--device {name}: {local_ranks} ranks on this machine cannot share one GPU under NCCL; "
+                          "use --device cuda (each rank takes cuda:LOCAL_RANK), or parallel.backend=gloo for checks")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    index = dev.index if dev.index is not None else (local % torch.cuda.device_count() if shared else local)
     if index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return f"cuda:{index}"
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         if args.device is not None:
-            args.device = check_device(args.device)
+            args.device = check_device(args.device, cfg.parallel.backend)
         if rank == 0 and not args.resume:
             check_output_dir(cfg.output.out, args.overwrite)
     except ConfigError as e:
@@ -237,10 +239,12 @@ class Job:
 
         torch.set_num_threads(threads or 1)
         self.cfg = cfg
-        self.comm = Comm.from_env(device=device, timeout_s=cfg.parallel.timeout_s)
+        self.comm = Comm.from_env(device=device, timeout_s=cfg.parallel.timeout_s, backend=cfg.parallel.backend)
         self.rank = self.comm.rank
+        if self.comm.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the VAE's 3-D convolutions: fixed shapes per block
         self.stop_signal: list[int] = []
-        self.trace = Trace(self.rank, enabled=trace)
+        self.trace = Trace(self.rank, enabled=trace, device=self.comm.device)
         self.causal = cfg.sampling.mode == "causal"
         if self.causal:
             from .causal import CausalEngine
@@ -291,7 +295,7 @@ class Job:
             raise ValueError(f"a job's videos share its model and geometry; cannot change {', '.join(changed)}")
         engine, comm, rank, out = self.engine, self.comm, self.rank, cfg.output.out
         t_start = time.perf_counter()
-        self.trace.events.clear()
+        self.trace.clear()
         writer = progress = state = checkpoint = None
         try:
             engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
@@ -304,7 +308,7 @@ class Job:
                               queue_blocks=cfg.output.queue_blocks, decode=cfg.output.decode,
                               save_latents=cfg.output.save_latents)
                 if not self.causal:
-                    state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels)
+                    state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels, comm.device)
                 if resume_run:
                     meta, tensors = resume.load(out)
                     state.load_checkpoint(meta["engine"], tensors)
@@ -450,7 +454,8 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(1)  # peers may be gone: do not wait for them in process-group teardown
     try:
-        job.close()
+        # After a stop, receives posted ahead stay unmatched: abort the group rather than wait for them.
+        job.close(abort=code != 0)
     except PeerError as e:
         log(rank, str(e))
     return code

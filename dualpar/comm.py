@@ -1,31 +1,48 @@
 """Point-to-point and collective communication: the only module that imports torch.distributed.
 
-Every message is a fixed-size int64 header followed by the payload. The
-header carries the message kind, the task index it belongs to, the dtype and
-the shape, so a receiver allocates exactly what arrives and can check that it
-is the message its schedule expects. Sends are asynchronous (``isend``); the
-sender keeps each tensor alive until its send is known to be complete.
+Messages on the hot path carry only their payload, followed by a 16-byte tag
+(the task index and a check word) that the sender writes on the device: no
+header is built on the host and nothing is read back per hop. Every rank
+derives from the schedule which message comes next, its shape and dtype, so
+
+* receives are posted ahead into buffers allocated once, at the largest size
+  the task list needs (a ring of ``depth + 1`` per peer);
+* sends go from a bounded window of reused send buffers (``SEND_SLOTS``),
+  which producers write into directly (``send_buffer``), so a packet is never
+  copied to be sent and a rank never buffers more than ``SEND_SLOTS`` packets;
+* a message that is not the task it was received for is detected by its tag:
+  on the host at once on CPU, on the device (folded into a flag, read at the
+  next host sync) on CUDA, before anything derived from it is written.
+
+NCCL creates the communicator of a rank pair lazily, at the first
+point-to-point op between the two, and that creation blocks until the peer
+makes its first op towards this rank. :meth:`Comm.warm_up` therefore sends one
+tiny message around the ring, in ring order, on each group, before any
+receive is posted ahead; without it a ring deadlocks at start-up.
+``DUALPAR_P2P_LOG=PREFIX`` records every op (``PREFIX.rank<R>.json``) so a
+test can replay the order under that rule.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import sys
+import time
 from collections import deque
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-HEADER_LEN = 10  # kind, task, dtype, ndim, up to 6 dims
-MAX_DIMS = HEADER_LEN - 4
 KIND_PACKET = 1  # hidden states travelling forward along the layer pipeline
 KIND_PRED = 2  # noise prediction travelling back from the last rank to rank 0
-KIND_BCAST = 3
 KIND_STOP = 4  # rank 0 stopped the run at an iteration boundary: stop before this task
-
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]
-_CODE = {d: i for i, d in enumerate(_DTYPES)}
+TAG_BYTES = 16  # int64 task index, int64 check word
+_CHECK = 0x5DA1_7A6E_0000_0000  # check word = _CHECK + kind * 2**24 + (task mod 2**24)
+SEND_SLOTS = 3
+"""Reused send buffers per link: one being filled, one or two in flight."""
 
 
 class CommError(RuntimeError):
@@ -34,6 +51,19 @@ class CommError(RuntimeError):
 
 class PeerError(RuntimeError):
     """A peer failed, vanished or stayed silent past the timeout."""
+
+
+def _check_word(kind: int, task: int) -> int:
+    return _CHECK + kind * 2**24 + task % 2**24
+
+
+def _padded(nbytes: int) -> int:
+    return (nbytes + 7) // 8 * 8  # the tag is read as int64: keep it aligned
+
+
+def message_bytes(shape, dtype: torch.dtype) -> int:
+    """Bytes on the wire for one message of ``shape``/``dtype`` (payload, padding, tag)."""
+    return _padded(math.prod(shape) * torch.empty((), dtype=dtype).element_size()) + TAG_BYTES
 
 
 def _gloo_on_loopback_when_local() -> None:
@@ -60,47 +90,81 @@ def _gloo_on_loopback_when_local() -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 
+def default_device(backend: str = "auto") -> str:
+    """``cuda:LOCAL_RANK`` when CUDA is there (all ranks share GPUs round-robin under gloo), else ``cpu``."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    return f"cuda:{local % torch.cuda.device_count() if backend == 'gloo' else local}"
+
+
+class _Link:
+    """A ring of reused byte buffers for one direction of one link, sized for the largest message."""
+
+    def __init__(self, slots: int, nbytes: int, device: torch.device, pinned: bool):
+        self.bufs = [torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pinned) for _ in range(slots)]
+        self.works: list = [None] * slots
+        self.next = 0
+
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.bufs)
+
+
 class Comm:
     """This rank's view of the process group (a 1-rank Comm needs no process group)."""
 
     def __init__(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu", timeout_s: float = 120.0,
                  patient_timeout_s: float = 1800.0):
         self.rank, self.world = rank, world
+        self.device = torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
         """Longest wait for any one message while generating; past it the peer counts as failed."""
         self.patient_timeout = timedelta(seconds=max(timeout_s, patient_timeout_s))
         """Longest wait where the sender may be busy writing a checkpoint."""
+        grouped = world > 1 and dist.is_initialized()
+        self.backend = dist.get_backend() if grouped else None
+        # gloo moves host memory: CUDA tensors are staged through pinned host buffers
+        # (several ranks on one GPU, for checks); NCCL moves device memory.
+        self.wire = torch.device("cpu") if self.backend == "gloo" else self.device
+        self.staged = self.wire != self.device
         # Predictions (last rank -> rank 0) get their own group: with NCCL each group
         # pair has one stream, and with 2 ranks both ring directions would share it
         # and block each other.
-        self._pred_group = dist.new_group([0, world - 1]) if world > 1 and dist.is_initialized() else None
-        self.device = torch.device(device)
-        self._pending: deque = deque()
+        self._pred_group = dist.new_group([0, world - 1]) if grouped else None
+        self._links: dict[tuple[int, int], _Link] = {}
         self.bytes_sent = 0
-        self.send_window = 8
-        """Sends kept in flight before the oldest is waited for (bounds buffered memory)."""
+        self.messages_sent = 0
+        self.send_bytes_held = 0
+        """Bytes of this rank's send buffers (bounded by ``SEND_SLOTS`` per link)."""
+        self._device_checks: list[tuple[int, torch.Tensor]] = []  # (source rank, mismatch flag) per inbox
+        self.oplog: list | None = [] if os.environ.get("DUALPAR_P2P_LOG") else None
+        self._ops = 0
+        self._closed = False
 
     @classmethod
-    def from_env(cls, device: str | None = None, timeout_s: float = 120.0, startup_timeout_s: float = 1800.0) -> "Comm":
+    def from_env(cls, device: str | None = None, timeout_s: float = 120.0, startup_timeout_s: float = 1800.0,
+                 backend: str = "auto", warm_up: bool = True) -> "Comm":
         """Join the process group described by torchrun's environment (or run alone).
 
         Collectives at start-up (rank 0 loading and running the text encoder while
         the others wait) may take ``startup_timeout_s``; every wait while
-        generating is bounded by ``timeout_s``.
+        generating is bounded by ``timeout_s``. ``backend`` ``auto`` is NCCL on
+        CUDA and gloo on CPU; ``gloo`` on CUDA lets several ranks share a GPU.
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
-        if device is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-        dev = torch.device(device)
+        dev = torch.device(device or default_device(backend))
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         if world > 1 and not dist.is_initialized():
-            backend = "nccl" if dev.type == "cuda" else "gloo"
-            if backend == "gloo":
+            name = ("nccl" if dev.type == "cuda" else "gloo") if backend == "auto" else backend
+            if name == "gloo":
                 _gloo_on_loopback_when_local()
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=startup_timeout_s))
-        return cls(rank, world, dev, timeout_s, startup_timeout_s)
+            dist.init_process_group(name, rank=rank, world_size=world, timeout=timedelta(seconds=startup_timeout_s))
+        comm = cls(rank, world, dev, timeout_s, startup_timeout_s)
+        if warm_up:
+            comm.warm_up()
+        return comm
 
     @property
     def prev(self) -> int:
@@ -118,106 +182,229 @@ class Comm:
     def is_last(self) -> bool:
         return self.rank == self.world - 1
 
-    # -- point to point ----------------------------------------------------
-
-    def _header(self, kind: int, task: int, t: torch.Tensor) -> torch.Tensor:
-        if t.dim() > MAX_DIMS:
-            raise ValueError(f"tensor of {t.dim()} dims does not fit the header")
-        vals = [kind, task, _CODE[t.dtype], t.dim(), *t.shape] + [0] * (MAX_DIMS - t.dim())
-        return torch.tensor(vals, dtype=torch.int64, device=self.device)
-
     def group_for(self, kind: int):
         return self._pred_group if kind == KIND_PRED else None
 
-    def send(self, t: torch.Tensor, dst: int, kind: int, task: int) -> None:
-        """Queue ``t`` for ``dst`` without waiting for the transfer.
+    # -- op log (for the start-up order test) -----------------------------------
 
-        Header and payload travel as one byte message: one latency per hop.
+    def _log(self, op: str, peer: int | None = None, kind: int = 0, task: int = -1, ref: int | None = None) -> int:
+        self._ops += 1
+        if self.oplog is not None:
+            group = "coll" if peer is None else ("pred" if kind == KIND_PRED else "data")
+            self.oplog.append({"id": self._ops, "op": op, "peer": peer, "group": group, "task": task, "ref": ref})
+        return self._ops
+
+    def _write_oplog(self) -> None:
+        prefix = os.environ.get("DUALPAR_P2P_LOG")
+        if self.oplog is not None and prefix:
+            with open(f"{prefix}.rank{self.rank}.json", "w") as f:
+                json.dump(self.oplog, f)
+
+    # -- start-up ---------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """One tiny message around the ring on each group, in ring order.
+
+        NCCL makes a rank pair's communicator at the pair's first op, and blocks
+        until the peer's first op towards this rank: done here, in ring order
+        (0 -> 1 -> ... -> last on the data group, then last -> 0 on the
+        prediction group), no rank can be blocked by a receive posted ahead.
         """
-        t = t.contiguous().to(self.device)
-        h = self._header(kind, task, t)
-        msg = torch.cat([h.view(torch.uint8), t.view(-1).view(torch.uint8)])
+        if self.world == 1:
+            return
+        t = torch.zeros(1, dtype=torch.int64, device=self.wire)
+        if not self.is_first:
+            self._blocking("recv", t, self.prev, KIND_PACKET)
+        if not self.is_last:
+            self._blocking("send", t, self.next, KIND_PACKET)
+        if self.is_last:
+            self._blocking("send", t, 0, KIND_PRED)
+        if self.is_first:
+            self._blocking("recv", t, self.world - 1, KIND_PRED)
+
+    def _blocking(self, op: str, t: torch.Tensor, peer: int, kind: int) -> None:
+        fn = dist.isend if op == "send" else dist.irecv
+        oid = self._log(op, peer, kind, -1)
+        try:
+            work = fn(t, peer, group=self.group_for(kind))
+        except Exception as e:
+            raise self.peer_error(peer, f"start-up {op}", e) from None
+        self.wait(work, peer, f"start-up {op}", patient=True, ref=oid)
+
+    # -- point to point ----------------------------------------------------
+
+    def _link(self, key: tuple[int, int], slots: int, nbytes: int) -> _Link:
+        link = self._links.get(key)
+        if link is None or link.bufs[0].numel() < nbytes or len(link.bufs) != slots:
+            if link is not None:  # a larger message than reserved: its old buffers may still be in flight
+                for w in link.works:
+                    if w is not None:
+                        self.wait(w[0], key[1], "send", ref=w[1])
+            link = _Link(slots, nbytes, self.wire, pinned=self.staged)
+            self._links[key] = link
+        return link
+
+    def reserve(self, dst: int, kind: int, shapes, dtype: torch.dtype) -> None:
+        """Allocate the send buffers towards ``dst`` once, for the largest of ``shapes``."""
+        nbytes = max((message_bytes(s, dtype) for s in shapes), default=0)
+        if nbytes:
+            before = self._links.get(("send", dst, kind))
+            link = self._link(("send", dst, kind), SEND_SLOTS, nbytes)
+            if link is not before:
+                self.send_bytes_held = sum(v.nbytes() for k, v in self._links.items() if k[0] == "send")
+
+    def send_buffer(self, dst: int, kind: int, shape, dtype: torch.dtype, task: int = -1) -> torch.Tensor:
+        """A payload view of the next free send buffer towards ``dst`` (waits for its previous send).
+
+        Write the message into it, then :meth:`send` it. On a staged (gloo on
+        CUDA) link the view is a fresh device tensor, copied to pinned memory at send.
+        """
+        link = self._link(("send", dst, kind), SEND_SLOTS, message_bytes(shape, dtype))
+        i = link.next
+        if link.works[i] is not None:  # bounded window: the oldest send must be done
+            self.wait(link.works[i][0], dst, "send", ref=link.works[i][1])
+            link.works[i] = None
+        self.send_bytes_held = sum(v.nbytes() for k, v in self._links.items() if k[0] == "send")
+        if self.staged:
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return link.bufs[i][:n].view(dtype).view(shape)
+
+    def send(self, t: torch.Tensor, dst: int, kind: int, task: int) -> None:
+        """Send ``t`` (ideally the view :meth:`send_buffer` gave) to ``dst`` without waiting for the transfer."""
+        link = self._links.get(("send", dst, kind))
+        own = (link is not None and not self.staged and t.is_contiguous()
+               and t.data_ptr() == link.bufs[link.next].data_ptr())
+        if not own:  # anything else is copied into the next send buffer
+            view = self.send_buffer(dst, kind, tuple(t.shape), t.dtype, task)
+            link = self._links[("send", dst, kind)]
+            if self.staged:
+                view = link.bufs[link.next][: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            view.copy_(t)
+        self._send_tagged(t.numel() * t.element_size(), dst, kind, task, kind)
+
+    def send_stop(self, dst: int, task: int, shape, dtype: torch.dtype, kind: int = KIND_PACKET) -> None:
+        """Tell ``dst`` the run stops before ``task`` (a message sized like the one it expects)."""
+        self.send_buffer(dst, kind, shape, dtype, task)
+        self._send_tagged(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dst, kind, task, KIND_STOP)
+
+    def _send_tagged(self, n: int, dst: int, kind: int, task: int, tag_kind: int) -> None:
+        link = self._links[("send", dst, kind)]
+        i = link.next
+        msg = link.bufs[i][: _padded(n) + TAG_BYTES]
+        tag = msg[_padded(n):].view(torch.int64)
+        tag[0].fill_(task)  # written on the device: no header built on the host
+        tag[1].fill_(_check_word(tag_kind, task))
+        oid = self._log("send", dst, kind, task)
         try:
             work = dist.isend(msg, dst, group=self.group_for(kind))
         except Exception as e:  # the connection to a dead peer fails at once
             raise self.peer_error(dst, "send", e) from None
-        self._pending.append((work, msg, dst))
+        link.works[i] = (work, oid)
+        link.next = (i + 1) % len(link.bufs)
         self.bytes_sent += msg.numel()
-        self._reap()
+        self.messages_sent += 1
 
-    def peer_error(self, peer: int, what: str, e: Exception) -> "PeerError":
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    def peer_error(self, peer: int, what: str, e: Exception | None = None) -> "PeerError":
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__) if e is not None else "timed out"
         if "imed out" in msg or "imeout" in msg:
             return PeerError(f"rank {self.rank}: nothing from rank {peer} for {self.timeout.total_seconds():.0f} s "
                              f"({what}); it has failed or hangs")
         return PeerError(f"rank {self.rank}: lost rank {peer} ({what}): {msg}")
 
-    def send_stop(self, dst: int, task: int, shape, dtype: torch.dtype) -> None:
-        """Tell ``dst`` the run stops before ``task`` (sized like the packet it expects)."""
-        self.send(torch.zeros(shape, dtype=dtype, device=self.device), dst, KIND_STOP, task)
+    def wait(self, work, peer: int, what: str, patient: bool = False, ref: int | None = None) -> None:
+        """Block the host until one transfer with ``peer`` is done; failure or silence -> PeerError.
 
-    def wait(self, work, peer: int, what: str, patient: bool = False) -> None:
-        """Wait for one transfer with ``peer``, turning failure or silence into a PeerError naming it."""
+        gloo's ``wait(timeout)`` enforces the timeout itself; NCCL's does not
+        block the host, so its completion is polled against the deadline.
+        """
+        self._log("wait", peer, 0, -1, ref)
+        limit = self.patient_timeout if patient else self.timeout
         try:
-            work.wait(self.patient_timeout if patient else self.timeout)
+            if self.backend == "nccl":
+                deadline = time.monotonic() + limit.total_seconds()
+                pause = 1e-5
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        raise self.peer_error(peer, what)
+                    time.sleep(pause)
+                    pause = min(pause * 2, 1e-3)
+                work.wait()
+            else:
+                work.wait(limit)
+        except PeerError:
+            raise
         except Exception as e:  # gloo/nccl report a dead peer or a timeout as RuntimeError
             raise self.peer_error(peer, what, e) from None
 
     def inbox(self, src: int, expected, depth: int = 2) -> "Inbox":
         """Receive, in order, the messages ``expected`` from ``src`` (see :class:`Inbox`)."""
-        return Inbox(self, src, expected, depth)
-
-    def _reap(self) -> None:
-        # Release finished sends (NCCL reports completion; gloo only through wait()),
-        # then wait for the oldest beyond the window. A send completes once the
-        # receiver has posted the matching receive; the engine keeps fewer tasks in
-        # flight than the window, so the oldest has always been received already and
-        # this never blocks for long (and never deadlocks the ring).
-        while self._pending and self._pending[0][0].is_completed():
-            self._pending.popleft()
-        while len(self._pending) > self.send_window:
-            work, _, dst = self._pending.popleft()
-            self.wait(work, dst, "send")
+        return Inbox(self, src, list(expected), depth)
 
     def flush(self) -> None:
-        """Wait until every queued send has completed."""
-        while self._pending:
-            work, _, dst = self._pending.popleft()
-            self.wait(work, dst, "send")
+        """Wait until every send has completed."""
+        for (what, dst, _), link in self._links.items():
+            if what != "send":
+                continue
+            for i, w in enumerate(link.works):
+                if w is not None:
+                    self.wait(w[0], dst, "send", ref=w[1])
+                    link.works[i] = None
+
+    def check(self) -> None:
+        """Raise if any message received so far did not match its task (a host sync on CUDA)."""
+        bad = [src for src, flag in self._device_checks if bool(flag)]
+        if bad:
+            src = ", ".join(str(s) for s in bad)
+            raise CommError(f"rank {self.rank}: a message from rank {src} did not match the task it was received "
+                            "for (the ranks disagree on the schedule); nothing derived from it is written")
 
     # -- collectives -------------------------------------------------------
 
     def broadcast(self, t: torch.Tensor | None, src: int = 0) -> torch.Tensor:
-        """Give every rank ``src``'s tensor (others pass None)."""
+        """Give every rank ``src``'s tensor (others pass None); shape and dtype travel first."""
         if self.world == 1:
             assert t is not None
             return t
+        codes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]
         if self.rank == src:
-            t = t.contiguous().to(self.device)
-            h = self._header(KIND_BCAST, 0, t)
+            t = t.contiguous()
+            meta = [codes.index(t.dtype), t.dim(), *t.shape]
         else:
-            h = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        dist.broadcast(h, src)
+            meta = None
+        meta = self.broadcast_ints(meta, src)
         if self.rank != src:
-            ndim = int(h[3])
-            t = torch.empty([int(v) for v in h[4 : 4 + ndim].tolist()], dtype=_DTYPES[int(h[2])], device=self.device)
+            t = torch.empty(meta[2:], dtype=codes[meta[0]], device=self.device)
+        wire = t.to(self.wire)
+        self._log("broadcast")
+        dist.broadcast(wire, src)
+        return wire.to(self.device) if self.staged else wire
+
+    def broadcast_ints(self, values: list[int] | None, src: int = 0, max_len: int = 16) -> list[int]:
+        """``src``'s short integer list on every rank (start-up only: a host round trip)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.zeros(max_len + 1, dtype=torch.int64)
+        if self.rank == src:
+            t[0] = len(values)
+            t[1 : 1 + len(values)] = torch.tensor(values, dtype=torch.int64)
+        t = t.to(self.wire)
+        self._log("broadcast")
         dist.broadcast(t, src)
-        return t
+        t = t.cpu()
+        return t[1 : 1 + int(t[0])].tolist()
 
     def broadcast_int(self, value: int | None, src: int = 0) -> int:
         """``src``'s integer on every rank."""
-        if self.world == 1:
-            return int(value)
-        t = torch.tensor([value if self.rank == src else 0], dtype=torch.int64, device=self.device)
-        dist.broadcast(t, src)
-        return int(t.item())
+        return self.broadcast_ints([int(value)] if self.rank == src else None, src)[0]
 
     def gather_floats(self, values: list[float]) -> list[list[float]]:
         """All ranks' float lists on every rank (small statistics)."""
         if self.world == 1:
             return [list(values)]
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.wire)
         out = [torch.empty_like(t) for _ in range(self.world)]
+        self._log("all_gather")
         dist.all_gather(out, t)
         return [o.tolist() for o in out]
 
@@ -225,40 +412,69 @@ class Comm:
         """Every rank's bytes, in rank order, on every rank (no pickle)."""
         if self.world == 1:
             return [data]
-        n = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        n = torch.tensor([len(data)], dtype=torch.int64, device=self.wire)
         sizes = [torch.empty_like(n) for _ in range(self.world)]
+        self._log("all_gather")
         dist.all_gather(sizes, n)
         width = max(int(s.item()) for s in sizes)
-        buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
-        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else buf[:0]
+        buf = torch.zeros(width, dtype=torch.uint8, device=self.wire)
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.wire) if data else buf[:0]
         out = [torch.empty_like(buf) for _ in range(self.world)]
+        self._log("all_gather")
         dist.all_gather(out, buf)
         return [o[: int(s.item())].cpu().numpy().tobytes() for o, s in zip(out, sizes)]
 
     def close(self, abort: bool = False) -> None:
-        """Leave the process group; ``abort`` skips waiting for sends a failed peer will never take."""
+        """Leave the process group.
+
+        A clean end waits for the last sends and destroys the group. ``abort``
+        (a stop, a failure) aborts it instead: receives posted ahead that no
+        peer will match, and sends a dead peer will never take, are dropped
+        rather than waited for (destroying would wait for them under NCCL).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._write_oplog()
+        grouped = self.world > 1 and dist.is_initialized()
         if not abort:
             self.flush()
-        self._pending.clear()
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        self._links.clear()
+        if not grouped:
+            return
+        if abort:
+            abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if abort_group is not None:
+                abort_group()
+                print(f"[rank {self.rank}] process group aborted", file=sys.stderr, flush=True)
+                return
+        dist.destroy_process_group()
 
 
 class Inbox:
     """The ordered stream of messages this rank expects from one peer.
 
-    ``expected`` yields ``(kind, task, shape, dtype)`` per message: every rank
+    ``expected`` lists ``(kind, task, shape, dtype)`` per message: every rank
     derives the sequence from the schedule, so receives are posted ``depth``
-    messages ahead and the transfer overlaps compute. Each arriving header is
-    checked against what was expected: a mismatch means the ranks disagree on
-    the schedule and is an error, never a silent reinterpretation.
+    messages ahead, into a ring of ``depth + 1`` buffers allocated once at the
+    largest expected size, and the transfer overlaps compute. Each message's
+    tag is checked against what was expected: a mismatch means the ranks
+    disagree on the schedule and is an error, never a silent reinterpretation.
     """
 
-    def __init__(self, comm: Comm, src: int, expected, depth: int = 2):
+    def __init__(self, comm: Comm, src: int, expected: list, depth: int = 2):
         self.comm, self.src, self.depth = comm, src, max(1, depth)
         self._expected = iter(expected)
         self._posted: deque = deque()
+        nbytes = max((message_bytes(shape, dtype) for _, _, shape, dtype in expected), default=0)
+        self._link = _Link(self.depth + 1, nbytes, comm.wire, pinned=comm.staged) if nbytes else None
+        self._mismatch = torch.zeros((), dtype=torch.bool, device=comm.wire)
+        if comm.wire.type != "cpu":
+            comm._device_checks.append((src, self._mismatch))
         self._fill()
+
+    def nbytes(self) -> int:
+        return self._link.nbytes() if self._link else 0
 
     def _fill(self) -> None:
         while len(self._posted) < self.depth:
@@ -266,32 +482,46 @@ class Inbox:
             if spec is None:
                 return
             kind, task, shape, dtype = spec
-            nbytes = HEADER_LEN * 8 + math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            buf = torch.empty(nbytes, dtype=torch.uint8, device=self.comm.device)
+            link = self._link
+            buf = link.bufs[link.next][: message_bytes(shape, dtype)]
+            link.next = (link.next + 1) % len(link.bufs)
+            oid = self.comm._log("recv", self.src, kind, task)
             try:
                 work = dist.irecv(buf, self.src, group=self.comm.group_for(kind))
             except Exception as e:
                 raise self.comm.peer_error(self.src, f"receive for task {task}", e) from None
-            self._posted.append((work, buf, spec))
+            self._posted.append((work, buf, spec, oid))
 
-    def next(self, patient: bool = False) -> torch.Tensor | None:
+    def next(self, patient: bool = False, stop_possible: bool = False) -> torch.Tensor | None:
         """The next expected message's payload, or None if the sender stopped the run here.
 
-        ``patient`` allows the long timeout: the sender may be writing a checkpoint.
+        ``patient`` allows the long timeout (the sender may be writing a
+        checkpoint). The tag is read on the host on CPU, and on CUDA only where
+        a stop may arrive (``stop_possible``); elsewhere it is compared on the device.
         """
+        comm = self.comm
         if not self._posted:
-            raise CommError(f"rank {self.comm.rank}: no further message expected from rank {self.src}")
-        work, buf, (kind, task, shape, dtype) = self._posted.popleft()
-        self.comm.wait(work, self.src, f"waiting for task {task}", patient)
-        h = buf[: HEADER_LEN * 8].view(torch.int64).tolist()
-        got_kind, got_task, code, ndim = h[:4]
-        got_shape = list(h[4 : 4 + ndim])
-        if got_kind == KIND_STOP and got_task == task:
-            return None
+            raise CommError(f"rank {comm.rank}: no further message expected from rank {self.src}")
+        work, buf, (kind, task, shape, dtype), oid = self._posted.popleft()
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        tag = buf[_padded(n):].view(torch.int64)
+        host = comm.wire.type == "cpu" or stop_possible
+        if host:
+            comm.wait(work, self.src, f"waiting for task {task}", patient, ref=oid)
+            got_task, got_check = tag.tolist()
+            if got_task == task and got_check == _check_word(KIND_STOP, task):
+                return None
+            if (got_task, got_check) != (task, _check_word(kind, task)):
+                raise CommError(f"rank {comm.rank}: expected from rank {self.src} message kind {kind} task {task} "
+                                f"{dtype} {list(shape)}, got a message tagged task {got_task} "
+                                f"(check word {got_check:#x}, expected {_check_word(kind, task):#x})")
+        else:
+            comm._log("wait", self.src, 0, -1, oid)
+            work.wait()  # NCCL: the current stream waits for the receive; the host does not
+            bad = (tag[0] != task) | (tag[1] != _check_word(kind, task))
+            self._mismatch.logical_or_(bad)
+        payload = buf[:n].view(dtype).view(shape)
+        if comm.staged:
+            payload = payload.to(comm.device)
         self._fill()
-        if (got_kind, got_task, _DTYPES[code], got_shape) != (kind, task, dtype, list(shape)):
-            raise CommError(
-                f"rank {self.comm.rank}: expected from rank {self.src} message kind {kind} task {task} "
-                f"{dtype} {list(shape)}, got kind {got_kind} task {got_task} {_DTYPES[code]} {got_shape}"
-            )
-        return buf[HEADER_LEN * 8 :].view(dtype).view(shape)
+        return payload

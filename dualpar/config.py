@@ -26,6 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("unipc", "euler")
 MODES = ("bidirectional", "causal")
 CAUSAL_POLICIES = ("full", "window", "topk", "focused")
+BACKENDS = ("auto", "nccl", "gloo")
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
 VAE_SPATIAL = 8
 
@@ -97,6 +98,9 @@ class ParallelConfig:
     """Context latent frames borrowed from each neighbour block (paper: 8); 0 disables context."""
     timeout_s: float = 120.0
     """Longest wait for a peer's message while generating; past it the run fails, naming the peer."""
+    backend: str = "auto"
+    """Process-group backend: ``auto`` (NCCL on GPUs, gloo on CPUs), ``nccl``, or ``gloo`` (on GPUs it
+    stages tensors through pinned host memory, so several ranks can share one GPU: for checks)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -268,6 +272,8 @@ class Config:
             raise ConfigError(
                 f"{world_size} ranks but the model has only {num_layers} DiT layers; use at most {num_layers} ranks"
             )
+        if p.backend not in BACKENDS:
+            raise ConfigError(f"parallel.backend must be one of {BACKENDS}, got '{p.backend}'")
         if not 1.0 <= p.timeout_s <= 86400.0:
             raise ConfigError(f"parallel.timeout_s must be in [1, 86400], got {p.timeout_s}")
         self._validate_causal()

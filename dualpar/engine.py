@@ -27,7 +27,7 @@ from .models import loader
 from .models.wan import MOD_ROWS, BlockShape
 from .noise import NoisePool
 from .stage import Stage
-from .trace import Trace
+from .trace import Clock, Stopwatch, Trace
 
 
 def log(rank: int, msg: str) -> None:
@@ -39,11 +39,15 @@ class RunStats:
     wall_s: float = 0.0
     """Wall time of the denoising loop on this rank."""
     compute_s: float = 0.0
-    """Time spent in this rank's forward passes (and scheduler steps on rank 0)."""
+    """Time this rank's device spent in forward passes (and scheduler steps on rank 0); CUDA events on GPUs."""
     wait_s: float = 0.0
-    """Time spent blocked on receives."""
+    """Time spent waiting for receives (on GPUs: the stream stalled on them, by CUDA events)."""
     tasks: int = 0
     bytes_sent: int = 0
+    messages_sent: int = 0
+    """Point-to-point messages this rank sent (one per hop: payload and device-written tag)."""
+    send_buffer_bytes: int = 0
+    """Bytes of this rank's reused send buffers (bounded: ``comm.SEND_SLOTS`` per link)."""
     stopped: bool = False
     """The run stopped early at an iteration boundary (a checkpoint was taken)."""
     peak_live_blocks: int = 0
@@ -53,45 +57,58 @@ class RunStats:
     blocks: list[torch.Tensor] = field(default_factory=list)
     """Finished block latents (rank 0, only when ``keep_latents``)."""
 
+    def finish(self, comm: Comm, watch: Stopwatch, t0: float) -> "RunStats":
+        """Fill in the totals at the end of the loop (resolves CUDA events: one sync)."""
+        self.wall_s = time.perf_counter() - t0
+        self.compute_s, self.wait_s = watch.total("compute"), watch.total("wait")
+        self.bytes_sent, self.messages_sent = comm.bytes_sent, comm.messages_sent
+        self.send_buffer_bytes = comm.send_bytes_held
+        return self
 
-def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, patient=None) -> RunStats:
+
+def first_of_iteration(tasks, i: int) -> bool:
+    """Task ``i`` of ``tasks`` starts an iteration (not the first task): where rank 0 may stop the run."""
+    return i > 0 and tasks[i].iteration != tasks[i - 1].iteration
+
+
+def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, pred_shape, patient=None) -> RunStats:
     """The loop of every rank but the first: receive each task's packet from the previous rank,
-    ``compute(task, packet)`` on it, and pass the result on (the last rank sends its
-    prediction back to rank 0). A stop message from rank 0 ends the loop; it is passed on."""
-    st = RunStats()
+    ``compute(task, packet, out)`` on it into a send buffer ``out``, and pass it on (the last
+    rank sends its prediction back to rank 0). A stop message from rank 0 ends the loop; it is
+    passed on."""
+    st, watch = RunStats(), Stopwatch(Clock(comm.device))
     inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, packet_shape(t), dtype) for t in tasks))
+    if comm.is_last:
+        dst, kind, out_shape, out_dtype = 0, KIND_PRED, pred_shape, torch.float32
+    else:
+        dst, kind, out_shape, out_dtype = comm.next, KIND_PACKET, packet_shape, dtype
+    comm.reserve(dst, kind, [out_shape(t) for t in tasks], out_dtype)
     t0 = time.perf_counter()
-    for task in tasks:
-        tw = time.perf_counter()
-        with trace.span("recv", "wait", task=task.index):
-            packet = inbox.next(patient=bool(patient and patient(task)))
-        tc = time.perf_counter()
-        st.wait_s += tc - tw
+    for i, task in enumerate(tasks):
+        with trace.span("recv", "wait", task=task.index), watch.measure("wait"):
+            packet = inbox.next(patient=bool(patient and patient(task)), stop_possible=first_of_iteration(tasks, i))
         if packet is None:  # rank 0 stopped the run at this iteration boundary
             if not comm.is_last:
                 comm.send_stop(comm.next, task.index, packet_shape(task), dtype)
             st.stopped = True
             break
-        with trace.span(name(task), "compute", task=task.index, iteration=task.iteration):
-            out = compute(task, packet)
-        st.compute_s += time.perf_counter() - tc
+        out = comm.send_buffer(dst, kind, out_shape(task), out_dtype, task.index)
+        with trace.span(name(task), "compute", task=task.index, iteration=task.iteration), watch.measure("compute"):
+            out = compute(task, packet, out)
         with trace.span("send", "send", task=task.index):
-            if comm.is_last:
-                comm.send(out, 0, KIND_PRED, task.index)
-            else:
-                comm.send(out, comm.next, KIND_PACKET, task.index)
+            comm.send(out, dst, kind, task.index)
         st.tasks += 1
     comm.flush()
-    st.wall_s = time.perf_counter() - t0
-    st.bytes_sent = comm.bytes_sent
-    return st
+    comm.check()
+    return st.finish(comm, watch, t0)
 
 
 class Returns:
     """Rank 0's end of the ring: predictions come back in task order and are applied in that order."""
 
-    def __init__(self, comm: Comm, trace: Trace, tasks, start: int, pred_shape, apply, name, stats: RunStats):
-        self.trace, self.tasks, self.apply, self.name, self.st = trace, tasks, apply, name, stats
+    def __init__(self, comm: Comm, trace: Trace, tasks, start: int, pred_shape, apply, name, stats: RunStats,
+                 watch: Stopwatch):
+        self.trace, self.tasks, self.apply, self.name, self.st, self.watch = trace, tasks, apply, name, stats, watch
         self.applied = start - 1
         """Index of the last task whose prediction has been applied (earlier ones: before ``start``)."""
         self.inbox = None
@@ -103,14 +120,10 @@ class Returns:
         """Receive and apply every prediction up to task index ``upto``."""
         while self.applied < upto:
             nxt = self.tasks[self.applied + 1]
-            tw = time.perf_counter()
-            with self.trace.span("recv", "wait", task=nxt.index):
+            with self.trace.span("recv", "wait", task=nxt.index), self.watch.measure("wait"):
                 pred = self.inbox.next()
-            tc = time.perf_counter()
-            self.st.wait_s += tc - tw
-            with self.trace.span(f"step {self.name(nxt)}", "scheduler", task=nxt.index):
+            with self.trace.span(f"step {self.name(nxt)}", "scheduler", task=nxt.index), self.watch.measure("compute"):
                 self.apply(nxt, pred)
-            self.st.compute_s += time.perf_counter() - tc
             self.applied += 1
 
 
@@ -165,10 +178,9 @@ class Engine:
         self.plan = Plan(cfg, comm.world, loader.num_layers(cfg))
         first, last = self.plan.layers[comm.rank]
         self.stage = Stage(loader.load_slice(cfg, first, last, comm.device))
-        # Tasks rank 0 may have in flight around the ring: enough to keep every
-        # stage busy, few enough that no link ever buffers more than the send window.
+        # Tasks rank 0 may have in flight around the ring: enough to keep every stage
+        # busy (each link holds up to comm.SEND_SLOTS sends and two receives posted ahead).
         self.in_flight = 2 * comm.world
-        comm.send_window = self.in_flight + 1
 
     # -- prompt --------------------------------------------------------------
 
@@ -214,16 +226,18 @@ class Engine:
         plan, model, cfg = self.plan, self.stage.model, self.cfg
         self.stage.cache.clear()
 
-        def compute(task, packet):
+        def compute(task, packet, out):
             shape = plan.shape(task)
-            packet = self.stage.run(packet, task, shape)
-            return model.head(packet, shape, cfg.sampling.guidance) if self.comm.is_last else packet
+            if self.comm.is_last:
+                return model.head(self.stage.run(packet, task, shape), shape, cfg.sampling.guidance, out=out)
+            return self.stage.run(packet, task, shape, out=out)
 
         def patient(task):  # rank 0 may be taking a checkpoint before the first task of this iteration
             return checkpoint_every and task.iteration % checkpoint_every == 0 and task.newer is None
 
         return relay(self.comm, self.trace, [t for t in plan.tasks if t.iteration >= start_iteration],
-                     lambda t: plan.packet_shape(t, model), model.dtype, compute, self._name, patient)
+                     lambda t: plan.packet_shape(t, model), model.dtype, compute, self._name,
+                     lambda t: plan.pred_shape(t, model.out_channels), patient)
 
     @staticmethod
     def _name(task) -> str:
@@ -231,6 +245,7 @@ class Engine:
 
     def _run_first(self, state, writer, progress, keep_latents, checkpoint, checkpoint_every, should_stop) -> RunStats:
         cfg, comm, plan, st = self.cfg, self.comm, self.plan, RunStats()
+        watch = Stopwatch(Clock(comm.device))
         model = self.stage.model
         tasks = [t for t in plan.tasks if t.iteration >= state.iteration]
         base = tasks[0].index if tasks else len(plan.tasks)
@@ -241,6 +256,7 @@ class Engine:
         def apply(task: sch.Task, pred: torch.Tensor) -> None:
             done = state.apply(task, pred)
             if done is not None:
+                comm.check()  # nothing derived from a mismatched message reaches the output
                 if writer is not None:
                     writer.add_block(task.block, done)
                 if keep_latents:
@@ -249,8 +265,10 @@ class Engine:
                     progress.block_done(task.block, plan.frames_of_block(task.block))
 
         returns = Returns(comm, self.trace, plan.tasks, base, lambda t: plan.pred_shape(t, model.out_channels), apply,
-                          self._name, st)
+                          self._name, st, watch)
         drain = returns.drain
+        if comm.world > 1:
+            comm.reserve(comm.next, KIND_PACKET, [plan.packet_shape(t, model) for t in tasks], model.dtype)
 
         t0 = time.perf_counter()
         for task in tasks:
@@ -269,21 +287,22 @@ class Engine:
             shape = plan.shape(task)
             # Wait for the results this input depends on, and keep the ring's load bounded.
             drain(max(task.needs, task.index - self.in_flight))
-            tc = time.perf_counter()
-            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration):
+            out = None if comm.world == 1 else comm.send_buffer(
+                comm.next, KIND_PACKET, plan.packet_shape(task, model), model.dtype, task.index)
+            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration), \
+                    watch.measure("compute"):
                 x = state.input(task, shape.context)
                 st.peak_live_blocks = max(st.peak_live_blocks, state.live_blocks())
                 packet = model.embed(x, state.timesteps[task.step], plan.batch)
-                packet = self.stage.run(packet, task, shape)
+                packet = self.stage.run(packet, task, shape, out=out)
                 if comm.world == 1:
                     pred = model.head(packet, shape, cfg.sampling.guidance)
             if comm.world == 1:
-                with self.trace.span(f"step {self._name(task)}", "scheduler", task=task.index):
+                with self.trace.span(f"step {self._name(task)}", "scheduler", task=task.index), \
+                        watch.measure("compute"):
                     apply(task, pred)
                 returns.applied = task.index
-                st.compute_s += time.perf_counter() - tc
             else:
-                st.compute_s += time.perf_counter() - tc
                 with self.trace.span("send", "send", task=task.index):
                     comm.send(packet, comm.next, KIND_PACKET, task.index)
             st.tasks += 1
@@ -293,9 +312,7 @@ class Engine:
             drain(len(plan.tasks) - 1)
             state.iteration = plan.tasks[-1].iteration + 1
         comm.flush()
-        st.wall_s = time.perf_counter() - t0
-        st.bytes_sent = comm.bytes_sent
-        return st
+        return st.finish(comm, watch, t0)
 
 
 class DenoiseState:

@@ -770,7 +770,12 @@ class RunWriter:
                 self.finish()  # records the failure, re-raises
         else:
             # Copy: the caller may reuse its buffer while the block waits in the queue.
-            self._queue.put((block_id, latents.detach().clone()))
+            copy = latents.detach().clone()
+            ready = None
+            if copy.is_cuda:  # the worker's stream waits for this one to finish the copy
+                ready = torch.cuda.Event()
+                ready.record()
+            self._queue.put((block_id, copy, ready))
         return frames
 
     def sync(self) -> None:
@@ -867,10 +872,25 @@ class RunWriter:
     trace = None
     """Optional :class:`dualpar.trace.Trace` receiving decode and write spans."""
 
-    def _span(self, name: str, cat: str):
-        return self.trace.span(name, cat) if self.trace is not None else contextlib.nullcontext()
+    _stream = None
+    """The CUDA stream the VAE decodes on (off the denoising stream), made on first use."""
 
-    def _write_block(self, block_id: int, latents: torch.Tensor) -> None:
+    def _span(self, name: str, cat: str, host: bool = False):
+        return self.trace.span(name, cat, host=host) if self.trace is not None else contextlib.nullcontext()
+
+    def _write_block(self, block_id: int, latents: torch.Tensor, ready=None) -> None:
+        if latents.is_cuda:
+            # Decode on a stream of its own, after the producer's stream made the latents.
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(latents.device)
+            with torch.cuda.stream(self._stream):
+                if ready is not None:
+                    self._stream.wait_event(ready)
+                latents.record_stream(self._stream)
+                return self._write_block_now(block_id, latents)
+        return self._write_block_now(block_id, latents)
+
+    def _write_block_now(self, block_id: int, latents: torch.Tensor) -> None:
         m = self.manifest
         latent_start = m["latent_frames_written"]
         f = latents.shape[2]
@@ -899,7 +919,7 @@ class RunWriter:
                 height, width = frames.shape[1:3]
                 gop = self.gop or self._temporal * f  # the frames of one full block
                 self._mp4 = Mp4Writer(safe_join(self.out_dir, self.VIDEO), width, height, fps=self.fps, gop=gop)
-            with self._span(f"write b{block_id}", "write"):
+            with self._span(f"write b{block_id}", "write", host=True):
                 self._mp4.write(frames)
             m["frames_written"] += len(frames)
             m["video_bytes"] = self._mp4.bytes_written
@@ -918,7 +938,7 @@ class RunWriter:
                 if self._error is not None:
                     pass  # keep draining so a blocked producer can always proceed
                 elif item[0] == "checkpoint":
-                    with self._span("checkpoint", "write"):
+                    with self._span("checkpoint", "write", host=True):
                         item[1](*self._state())
                 else:
                     self._write_block(*item)

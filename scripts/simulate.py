@@ -139,8 +139,8 @@ GPUS = {
                                 link="NVLink", mem_gb=80),
 }
 MODELS = {
-    "Wan2.1-1.3B 480x832": dict(layers=30, dim=1536, ffn=8960, hw=(480, 832), params=1.3e9),
-    "Wan2.1-14B 720x1280": dict(layers=40, dim=5120, ffn=13824, hw=(720, 1280), params=14e9),
+    "Wan2.1-1.3B 480x832": dict(layers=30, dim=1536, ffn=8960, heads=12, hw=(480, 832), params=1.3e9),
+    "Wan2.1-14B 720x1280": dict(layers=40, dim=5120, ffn=13824, heads=40, hw=(720, 1280), params=14e9),
 }
 PROJECT_CASES = ((1, 8), (8, 4), (8, 8), (8, 16))  # (ranks, block); the first is the 1-GPU reference
 
@@ -152,6 +152,180 @@ def flops_model(dim, ffn, flops, batch=2, text_len=512):
     return {"layer": [0.0, per_token / flops, per_pair / flops], "sched_s": 2e-3}
 
 
+# -- per-rank memory ------------------------------------------------------------------------------
+#
+# What one rank holds while it runs a task, derived from the code (dualpar/models/wan.py's
+# forward_layers/_layer, dualpar/stage.py's FeatureCache, dualpar/comm.py's buffers), in bytes.
+# A [B, n, dim] tensor in the model dtype is the unit; norms and modulation run in float32
+# (``x.float()``), so some transients are 4 bytes/element even in bf16.
+
+RECV_BUFFERS = 3  # comm.Inbox: receives posted ``depth`` (2) ahead into a ring of depth + 1 buffers per peer
+SEND_BUFFERS = 3  # comm.SEND_SLOTS: reused send buffers per link, the output packet is written into one
+ROPE_BYTES = 4  # WanRotaryPosEmbed's cos/sin tables are float32; x * cos promotes to them
+UNIPC_COPIES = 4  # rank 0, per in-flight block: its latents, UniPC's 2 model outputs and last sample (float32)
+
+
+def layer_params(dim, ffn):
+    """Parameters of one WanTransformerBlock: self- and cross-attention (q, k, v, out with biases, q/k RMS
+    norm weights), norm2 (affine), the FFN (two linears with biases) and the 6-row modulation table."""
+    attn = 4 * (dim * dim + dim) + 2 * dim
+    return 2 * attn + 2 * dim + (dim * ffn + ffn) + (ffn * dim + dim) + 6 * dim
+
+
+def embed_params(dim, text_dim=4096, freq_dim=256, in_channels=16, patch=4):
+    """Rank 0's embeddings: patch embedding, text embedder (2 linears), time embedder (2), time projection to 6 rows."""
+    return (in_channels * patch * dim + dim) + (text_dim * dim + dim + dim * dim + dim) \
+        + (freq_dim * dim + dim + dim * dim + dim) + (dim * 6 * dim + 6 * dim)
+
+
+def head_params(dim, out_channels=16, patch=4):
+    return dim * out_channels * patch + out_channels * patch + 2 * dim  # proj_out and its scale/shift table
+
+
+def layer_checkpoints(dim, ffn, heads, q_tokens, kv_tokens, batch, text_len, bytes_per_el, attn="flash",
+                      x_in=True):
+    """Bytes live at each point of ``WanSlice._layer`` where a new peak can occur, beyond what is live
+    before ``forward_layers`` starts (weights, the incoming packet, caches, text K/V, RoPE tables).
+
+    Returns ``{name: (bytes, after_keep)}``; ``after_keep`` says the point follows the clone of the
+    layer's K/V for the feature cache. ``x_in``: the layer's input is a tensor of its own, held by
+    forward_layers' loop for the whole layer (False for the first layer: a view of the packet)."""
+    b, n, m, s = bytes_per_el, q_tokens, kv_tokens, text_len
+    tok = batch * dim  # elements per token of a [B, tokens, dim] tensor
+    up = 4 if b != 4 else 0  # x.float() copies only when the model dtype is not float32
+    down = b if b != 4 else 0  # .type_as(x) back from float32 copies only then
+    t = max(b, ROPE_BYTES)  # x1 * cos: promoted to the table dtype
+
+    def a(k):  # a [B, k, dim] tensor in the model dtype
+        return k * tok * b
+
+    def rms(k):  # torch.nn.RMSNorm transients over its input: upcast, x * rsqrt in fp32, back-cast, * weight
+        return k * tok * (up + 4 + down + b)
+
+    def norm_mod(k):  # (norm(x.float()) * (1 + scale) + shift).type_as(x): two float32 tensors at once
+        return k * tok * max(up + 4, 4 + 4, 4 + down)
+
+    def rope(k):  # apply_rope: x1*cos, x2*sin and their difference, each half width, in the promoted dtype
+        return k * tok * 3 * t // 2
+
+    def scores(k):  # math attention: scores, softmax probabilities [B, heads, n, k], _safe_softmax's -inf mask
+        return 0 if attn == "flash" else batch * heads * n * k * (2 * b + 1)
+
+    lse = batch * heads * n * 4  # flash attention's float32 log-sum-exp [B, heads, n]
+    flat = 0 if attn == "flash" else a(n)  # flash writes [B, n, heads, hd]: flatten(2, 3) is a view; math copies
+    scaled = 0 if attn == "flash" else a(n) + a(m)  # math scales q and k into new tensors first
+    X = a(n) if x_in else 0
+    mod = batch * 6 * dim * 4  # scale_shift_table + tproj.float(): [B, 6, dim] float32, chunked into views
+    base = X + mod
+    h = a(n)  # the normed, modulated input of each sub-block (a local of _layer until replaced)
+    return {
+        "norm1": (base + norm_mod(n), False),
+        "q/k norm": (base + h + a(n) + a(n) + rms(n), False),  # q, k = to_k(h), RMSNorm of k
+        "k/v concat": (base + h + a(n) + a(m) + a(n) + a(m), True),  # q, k_cat, v, v_cat (+ kept K/V clones)
+        "q rope": (base + h + a(n) + a(m) + a(m) + a(n) + rope(n), True),  # q, k_cat, v_cat, rotated q, temps
+        "k rope": (base + h + a(n) + a(m) + a(m) + a(m) + rope(m), True),  # rotated q, k_cat, v_cat, rotated k
+        "self-attention": (base + h + a(n) + a(m) + a(m) + scaled + a(n) + lse + scores(m), True),
+        "attn out proj": (base + h + a(n) + a(m) + a(m) + a(n) + flat + a(n), True),  # + out, to_out[0](out)
+        # x.float() + attn * gate (attn stays a local of _layer until it returns)
+        "residual 1": (base + h + a(n) + n * tok * (up + 4 + 4), True),
+        "norm2": (base + a(n) + a(n) + h + n * tok * max(up + 4, 4 + down), True),  # x, attn, old h, new h
+        "cross q norm": (base + a(n) + a(n) + h + a(n) + rms(n), True),
+        "cross-attention": (base + a(n) + a(n) + h + a(n) + a(n) + flat + a(n) + scores(s), True),
+        "norm3": (base + a(n) + a(n) + h + norm_mod(n), True),
+        # x.float() is evaluated before ffn(h): x, attn, h, x.float(), proj(h) and gelu of it [B, n, ffn]
+        "FFN": (base + a(n) + a(n) + h + n * tok * up + 2 * n * batch * ffn * b, True),
+        "residual 3": (base + a(n) + a(n) + h + n * tok * max(up + 8, 2 * up + b), True),
+    }
+
+
+def memory_model(dim, ffn, heads, layers_on_rank, params_per_layer, tpf, frames, extra, num_cat, batch, text_len,
+                 bytes_per_el, attn="flash", keep=None, role="middle", packet_frames=None, other_params=0,
+                 state_bytes=0, rope_tokens=None, pred_bytes=0):
+    """Per-rank memory in bytes while a task of ``frames`` (context + own) latent frames, ``extra``
+    appended newer-neighbour frames and ``keep`` (default ``num_cat``) kept frames runs.
+
+    * ``weights``: the owned layers (+ ``other_params``: embeddings on rank 0, head on the last).
+    * ``cache``: the FeatureCache entries held when the task starts, one per owned layer: the newer
+      block's K and V [B, extra*tpf, dim] (extra = num_cat in steady state; the newest block, extra 0,
+      starts with the cache empty: the previous iteration's oldest block took it).
+    * ``text_kv``: each owned layer's cross-attention K/V of the prompt [B, text_len, dim] (set_text),
+      plus the cached RoPE tables (float32 cos and sin [tokens, head_dim] per distinct task length).
+    * ``activations``: the peak of one forward_layers call over what was live before it: the worst
+      point of one layer (layer_checkpoints) plus the net growth of the cache during the call (the
+      layer's new K/V are cloned before its old entry, taken from the cache, is dropped after the layer).
+    * ``packets``: communication buffers, allocated once at the largest packet [B, frames*tpf + 7, dim]:
+      a middle rank's receive ring (RECV_BUFFERS) and send slots (SEND_BUFFERS, the output packet is
+      written into one); rank 0 embeds into a packet of its own and sends (and receives predictions);
+      the last rank receives packets and sends predictions; one rank alone holds just the embedded
+      packet. The output packet a single rank allocates, and the head's transients, come after the
+      layers (below the layer peak) and are not added.
+    * ``state``: rank 0's latents and scheduler history (``state_bytes``, from the caller).
+    """
+    b = bytes_per_el
+    keep = num_cat if keep is None else keep
+    packet_frames = frames if packet_frames is None else packet_frames
+    n, m = frames * tpf, (frames + extra) * tpf
+    entry_new = 2 * batch * keep * tpf * dim * b  # this task's kept K/V of one layer
+    entry_old = 2 * batch * extra * tpf * dim * b  # the newer block's K/V one layer reads (taken from the cache)
+    peak, where = 0, None
+    for i in range(layers_on_rank):
+        pts = layer_checkpoints(dim, ffn, heads, n, m, batch, text_len, b, attn, x_in=i > 0)
+        for name, (live, after_keep) in pts.items():
+            # entries kept by earlier layers (and this one), less the old ones already dropped
+            live += (i + after_keep) * entry_new - i * entry_old
+            if live > peak:
+                peak, where = live, f"layer {i}: {name}"
+    cache = layers_on_rank * entry_old
+    rope_tokens = m if rope_tokens is None else rope_tokens
+    text_kv = layers_on_rank * 2 * batch * text_len * dim * b + 2 * rope_tokens * (dim // heads) * ROPE_BYTES
+    packet = batch * (packet_frames * tpf + 7) * dim * b
+    n_packets = {"only": 1, "first": 1 + SEND_BUFFERS, "middle": RECV_BUFFERS + SEND_BUFFERS,
+                 "last": RECV_BUFFERS}[role]
+    n_preds = {"only": 0, "first": RECV_BUFFERS, "middle": 0, "last": SEND_BUFFERS}[role]
+    weights = (layers_on_rank * params_per_layer + other_params) * b
+    out = {"weights": weights, "cache": cache, "text_kv": text_kv, "activations": peak,
+           "packets": n_packets * packet + n_preds * pred_bytes, "state": state_bytes}
+    out["total"] = sum(out.values())
+    out["peak_at"] = where
+    return out
+
+
+def rank_memory(m, frames, steps, num_cat, ranks, block, batch=2, bytes_per_el=2, attn="flash", text_len=512):
+    """memory_model for every rank of a run, at each rank's worst task; returns the per-rank list
+    (bytes) and the index of the rank with the largest total."""
+    blocks, tasks, nc, st, tpf, layers = plan_for(frames, block, num_cat, steps, ranks, m["layers"], m["hw"])
+    lays = sorted({sch.layout(t, blocks, nc, st) for t in tasks}, key=lambda la: (la.context, la.own, la.extra))
+    lat_h, lat_w = m["hw"][0] // 8, m["hw"][1] // 8
+    latent = 16 * max(b.frames for b in blocks) * lat_h * lat_w * 4  # one block's float32 latents [1, 16, F, h, w]
+    # Rank 0 (DenoiseState): the in-flight blocks with their UniPC history, and one finished block's tail.
+    state = (sch.max_in_flight(st, len(blocks)) * UNIPC_COPIES + 1) * latent
+    common = dict(dim=m["dim"], ffn=m["ffn"], heads=m["heads"], params_per_layer=layer_params(m["dim"], m["ffn"]),
+                  tpf=tpf, num_cat=nc, batch=batch, text_len=text_len, bytes_per_el=bytes_per_el, attn=attn,
+                  packet_frames=max(la.context + la.own for la in lays), pred_bytes=latent,
+                  rope_tokens=sum(f * tpf for f in {la.context + la.own + la.extra for la in lays}))
+    per_rank = []
+    for r, (a, b) in enumerate(layers):
+        role = "only" if ranks == 1 else "first" if r == 0 else "last" if r == ranks - 1 else "middle"
+        other = (embed_params(m["dim"]) if role in ("only", "first") else 0) \
+            + (head_params(m["dim"]) if role in ("only", "last") else 0)
+        worst = max((memory_model(layers_on_rank=b - a, frames=la.context + la.own, extra=la.extra, keep=la.keep,
+                                  role=role, other_params=other,
+                                  state_bytes=state if role in ("only", "first") else 0, **common)
+                     for la in lays), key=lambda x: x["total"])
+        per_rank.append(dict(worst, rank=r, role=role, layers=b - a))
+    return per_rank, max(range(ranks), key=lambda r: per_rank[r]["total"])
+
+
+MEMORY_KEYS = ("weights", "cache", "text_kv", "activations", "packets", "state", "total")
+
+
+def _memory_gb(m, frames, steps, num_cat, ranks, block, batch=2):
+    per_rank, worst = rank_memory(m, frames, steps, num_cat, ranks, block, batch=batch)
+    w = per_rank[worst]
+    return dict({f"{k}_gb": w[k] / 1e9 for k in MEMORY_KEYS}, rank=worst, role=w["role"], layers=w["layers"],
+                peak_at=w["peak_at"])
+
+
 def _project_one(g, m, frames, steps, num_cat, ranks, block):
     blocks, tasks, nc, st, tpf, layers = plan_for(frames, block, num_cat, steps, ranks, m["layers"], m["hw"])
     model = dict(flops_model(m["dim"], m["ffn"], EFFICIENCY * g["peak_flops"]), fixed=[0.0] * ranks)
@@ -159,8 +333,7 @@ def _project_one(g, m, frames, steps, num_cat, ranks, block):
     out = simulate(blocks, st, nc, tpf, layers, model, latency_s=g["latency_s"], bandwidth=g["bandwidth"],
                    packet_bytes_per_token=bytes_per_token)
     n = max(b - a for a, b in layers)
-    cache = n * 2 * num_cat * tpf * m["dim"] * 2 * 2  # K and V, CFG rows, bf16
-    mem = (n * m["params"] / m["layers"] * 2 + cache) / 1e9
+    mem = _memory_gb(m, frames, steps, num_cat, ranks, block)
     # One steady-state hop against one stage's compute for the same task (the largest stage).
     task = tasks[len(tasks) // 2]
     nq, nkv = task_tokens(task, blocks, nc, st, tpf)
@@ -168,7 +341,29 @@ def _project_one(g, m, frames, steps, num_cat, ranks, block):
     hop = {"packet_mb": packet / 1e6, "hop_s": g["latency_s"] + packet / g["bandwidth"],
            "stage_compute_s": n * float(np.dot(model["layer"], features(nq, nkv)))}
     return {"ranks": ranks, "block": block, "layers": [b - a for a, b in layers], "wall_s": out["wall_s"],
-            "idle": out["idle"], "mem_gb": mem, "hop": hop}
+            "idle": out["idle"], "mem_gb": mem["weights_gb"] + mem["cache_gb"], "memory": mem, "hop": hop}
+
+
+# GPU memory for the fit column (GB as sold), and the share a run may plan to use: the rest is
+# headroom for the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation.
+MEMORY_GPUS = (("RTX 4090", 24), ("RTX 6000 Ada/L40S", 48), ("H100", 80), ("H200", 141))
+USABLE = 0.9
+
+
+def fits(total_gb):
+    return [name for name, gb in MEMORY_GPUS if total_gb <= USABLE * gb]
+
+
+def memory_table(frames=1025, steps=50, num_cat=8, block=8, ranks=(1, 8)):
+    """Per-rank memory of both models at ``block``/``num_cat`` (bf16, flash attention), CFG batch 2 and 1."""
+    rows = []
+    for mname, m in MODELS.items():
+        for n in ranks:
+            two = _memory_gb(m, frames, steps, num_cat, n, block, batch=2)
+            one = _memory_gb(m, frames, steps, num_cat, n, block, batch=1)
+            rows.append(dict(model=mname, ranks=n, block=block, num_cat=num_cat, batch2=two, batch1=one,
+                             fits=fits(two["total_gb"]), fits_batch1=fits(one["total_gb"])))
+    return rows
 
 
 def projection(frames=1025, steps=50, num_cat=8):
@@ -189,21 +384,46 @@ def projection(frames=1025, steps=50, num_cat=8):
                     r = _project_one(g, m, frames, steps, num_cat, d, 8)
                     balanced.append(dict(r, gpus=gname, model=mname, speedup=base / r["wall_s"]))
     return {"frames": frames, "steps": steps, "num_cat": num_cat, "efficiency": EFFICIENCY, "gpus": GPUS,
-            "models": MODELS, "rows": rows, "balanced": balanced}
+            "models": MODELS, "rows": rows, "balanced": balanced,
+            "memory": {"rows": memory_table(frames, steps, num_cat), "gpus": dict(MEMORY_GPUS), "usable": USABLE,
+                       "dtype": "bfloat16", "attn": "flash"}}
 
 
 def project(frames=1025, steps=50, num_cat=8):
     data = projection(frames, steps, num_cat)
     print(f"projection: {frames} frames, {steps} steps, num_cat {num_cat}, CFG, bf16\n")
-    print("| GPUs | model | ranks | block | wall s | speed-up vs 1 GPU | max idle | weights+cache GB/rank |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| GPUs | model | ranks | block | wall s | speed-up vs 1 GPU | max idle | weights+cache GB/rank "
+          "| total GB/rank |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in data["rows"]:
         print(f"| {r['gpus']} | {r['model']} | {r['ranks']} | {r['block']} | {r['wall_s']:.0f} | {r['speedup']:.2f}x | "
-              f"{max(r['idle']):.0%} | {r['mem_gb']:.1f} |")
+              f"{max(r['idle']):.0%} | {r['mem_gb']:.1f} | {r['memory']['total_gb']:.1f} |")
     print()
     for r in data["balanced"]:
         print(f"balanced: {r['gpus']}, {r['model']}: {r['ranks']} ranks, block {r['block']}: {r['wall_s']:.0f} s, "
               f"max idle {max(r['idle']):.0%}")
+    mem = data["memory"]
+    first = mem["rows"][0]
+    print(f"\nper-rank memory, GB (1e9 bytes): {frames} frames, block {first['block']}, num_cat {first['num_cat']}, "
+          "bf16, CFG batch 2, flash attention; the rank with the largest total\n")
+    print("| model | ranks | rank (layers) | weights | cache | text K/V + RoPE | activations | packets | rank-0 state "
+          "| total | fits | total, batch 1 | fits, batch 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in mem["rows"]:
+        b2, b1 = r["batch2"], r["batch1"]
+        print(f"| {r['model']} | {r['ranks']} | {b2['rank']} ({b2['layers']}) | {b2['weights_gb']:.2f} | "
+              f"{b2['cache_gb']:.2f} | {b2['text_kv_gb']:.2f} | {b2['activations_gb']:.2f} | {b2['packets_gb']:.2f} | "
+              f"{b2['state_gb']:.2f} | {b2['total_gb']:.1f} | {', '.join(r['fits']) or 'none'} | "
+              f"{b1['total_gb']:.1f} | {', '.join(r['fits_batch1']) or 'none'} |")
+    gpus = ", ".join(f"{n} {gb} GB" for n, gb in MEMORY_GPUS)
+    print(f"\nnote: \"fits\" = total <= {mem['usable']:.0%} of the card ({gpus}): ~{1 - mem['usable']:.0%} is left "
+          "for the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation. Activations = the peak of one "
+          "layer's forward over the worst task (" + "; ".join(sorted({r['batch2']['peak_at'].split(': ')[1]
+                                                                     for r in mem["rows"]})) + ") plus the net "
+          "growth of the feature cache during it; packets = receive ring (3) + send slots (3) at the largest packet "
+          "on a middle rank, the embedded packet + send slots on rank 0. Batch 1 = CFG rows one after the other "
+          "(cache, text K/V, activations and packets halve; weights do not). Not counted: the text encoder "
+          "(rank 0, before denoising) and VAE decoding on rank 0.")
     return data
 
 

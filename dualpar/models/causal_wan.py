@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from kv_cache import KVStore, Policy, attend
-from .wan import MOD_ROWS, WanSlice, apply_rope
+from .wan import MOD_ROWS, WanSlice, apply_rope, guided
 
 ROPE_MODES = ("absolute", "rebase")
 
@@ -159,7 +159,7 @@ class CausalWan:
 
     # -- every rank: layers ----------------------------------------------------
 
-    def forward_layers(self, packet: torch.Tensor, shape: ChunkShape, caches: list[LayerCache]) -> torch.Tensor:
+    def forward_layers(self, packet: torch.Tensor, shape: ChunkShape, caches: list[LayerCache], out=None) -> torch.Tensor:
         m = self.m
         tpf = m.tokens_per_frame(shape.height, shape.width)
         n_tok = shape.frames * tpf
@@ -169,7 +169,7 @@ class CausalWan:
         cross = self._cross_kv(shape.prompt)
         for i, blk in enumerate(m.layers):
             x = self._layer(blk, x, cross[i], tproj, caches[i], shape, tpf)
-        return torch.cat([x, mod], dim=1)
+        return torch.cat([x, mod], dim=1, out=out)
 
     def _layer(self, blk, x, cross_kv, tproj, cache, shape, tpf):
         b, f = x.shape[0], shape.frames
@@ -226,7 +226,7 @@ class CausalWan:
 
     # -- last rank: head -------------------------------------------------------
 
-    def head(self, packet: torch.Tensor, shape: ChunkShape, guidance: float) -> torch.Tensor:
+    def head(self, packet: torch.Tensor, shape: ChunkShape, guidance: float, out=None) -> torch.Tensor:
         """Output head per frame and CFG: the chunk's flow prediction [1, C, F, H, W] in float32."""
         m = self.m
         tpf = m.tokens_per_frame(shape.height, shape.width)
@@ -240,6 +240,4 @@ class CausalWan:
         pt, ph, pw = m.patch_size
         x = x.reshape(b, shape.frames // pt, shape.height // ph, shape.width // pw, pt, ph, pw, -1)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
-        if b == 2:  # rows are [cond, uncond]
-            return x[1:] + guidance * (x[:1] - x[1:])
-        return x
+        return guided(x, guidance, out)

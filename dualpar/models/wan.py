@@ -144,12 +144,14 @@ class WanSlice(nn.Module):
             self._rope_cache[key] = (cos.to(self.device), sin.to(self.device))
         return self._rope_cache[key]
 
-    def forward_layers(self, packet: torch.Tensor, shape: BlockShape, extra_kv=None):
+    def forward_layers(self, packet: torch.Tensor, shape: BlockShape, extra_kv=None, out=None):
         """Run the owned layers on a packet.
 
         ``extra_kv`` is a list, per owned layer, of (k, v) [B, tokens, dim] to
-        append (or None). Returns the new packet and, per owned layer, the K/V of
-        the ``shape.keep`` leading own frames (or None when nothing is kept).
+        append (or None); each layer's entry is released as soon as the layer
+        has used it. Returns the new packet (written into ``out`` when given,
+        e.g. a send buffer) and, per owned layer, the K/V of the ``shape.keep``
+        leading own frames (or None when nothing is kept).
         """
         if self._cross_kv is None:
             raise RuntimeError("set_text() must be called before forward_layers()")
@@ -163,10 +165,13 @@ class WanSlice(nn.Module):
         keep = slice(shape.context * tpf, (shape.context + shape.keep) * tpf) if shape.keep else None
         kept = []
         for i, blk in enumerate(self.layers):
-            extra = extra_kv[i] if extra_kv is not None else None
+            extra = None
+            if extra_kv is not None:
+                extra, extra_kv[i] = extra_kv[i], None  # freed once this layer has attended to it
             x, kv = self._layer(blk, x, self._cross_kv[i], tproj, rope_q, rope_k, extra, keep)
+            del extra
             kept.append(kv)
-        return torch.cat([x, mod], dim=1), kept
+        return torch.cat([x, mod], dim=1, out=out), kept
 
     def _layer(self, blk, x, cross_kv, tproj, rope_q, rope_k, extra, keep):
         # Mirrors diffusers' WanTransformerBlock.forward (wan2.1 path), fp32 norms and modulation.
@@ -205,9 +210,9 @@ class WanSlice(nn.Module):
 
     # -- last rank: head ---------------------------------------------------
 
-    def head(self, packet: torch.Tensor, shape: BlockShape, guidance: float) -> torch.Tensor:
+    def head(self, packet: torch.Tensor, shape: BlockShape, guidance: float, out=None) -> torch.Tensor:
         """Output norm, projection, unpatchify and CFG; returns the noise prediction of
-        the block's own frames [1, C, own, H, W] in float32."""
+        the block's own frames [1, C, own, H, W] in float32 (written into ``out`` when given)."""
         tpf = self.tokens_per_frame(shape.height, shape.width)
         n_tok = shape.frames * tpf
         x, temb = packet[:, :n_tok], packet[:, n_tok]
@@ -219,7 +224,12 @@ class WanSlice(nn.Module):
         b = x.shape[0]
         x = x.reshape(b, shape.own // pt, shape.height // ph, shape.width // pw, pt, ph, pw, -1)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        x = x.float()
-        if b == 2:  # rows are [cond, uncond]
-            return x[1:] + guidance * (x[:1] - x[1:])
-        return x
+        return guided(x.float(), guidance, out)
+
+
+def guided(x: torch.Tensor, guidance: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """CFG over rows [cond, uncond] (one row: as is), into ``out`` when given."""
+    pred = x[1:] + guidance * (x[:1] - x[1:]) if x.shape[0] == 2 else x
+    if out is None:
+        return pred
+    return out.copy_(pred)
