@@ -14,7 +14,6 @@ as in :mod:`engine`.
 
 from __future__ import annotations
 
-import gc
 import time
 
 import torch
@@ -167,6 +166,7 @@ class CausalEngine:
         self.plan = CausalPlan(cfg, comm.world, loader.num_layers(cfg))
         first, last = self.plan.layers[comm.rank]
         self.stage = CausalStage(CausalWan(loader.load_slice(cfg, first, last, comm.device), rope=cfg.causal.rope))
+        self.prompts = loader.PromptCache(cfg, comm.device) if comm.is_first else None
         self.in_flight = 2 * comm.world
 
     @property
@@ -175,17 +175,12 @@ class CausalEngine:
 
     @torch.no_grad()
     def set_prompt(self, prompt: str, negative: str) -> None:
-        """Encode every prompt of the schedule on rank 0; every rank gets their projected text."""
+        """Encode every prompt of the schedule on rank 0 (once per text); every rank gets their projected text."""
         plan, comm = self.plan, self.comm
         texts = None
         if comm.is_first:
             prompts = [text for _, text in prompt_schedule(prompt, self.cfg.video.frames)]
-            tokenizer, encoder = loader.load_text_encoder(self.cfg, comm.device)
-            states = loader.encode_prompts(tokenizer, encoder, prompts + [negative], self.cfg.model.text_len)
-            del tokenizer, encoder
-            gc.collect()
-            if comm.device.type == "cuda":
-                torch.cuda.empty_cache()
+            states = self.prompts.states(prompts + [negative])
             ctx = self.model.text_context(states)  # [P + 1, S, dim]
             rows = [torch.stack([ctx[i], ctx[-1]]) if plan.batch == 2 else ctx[i : i + 1] for i in range(len(prompts))]
             texts = torch.stack(rows)

@@ -199,6 +199,11 @@ def validated_config(args: argparse.Namespace, world: int) -> Config:
     cfg.validate(world_size=world)
     check_model(cfg)
     cfg.validate(world_size=world, num_layers=num_layers(cfg))
+    from .comm import default_device
+    from .models import attention
+
+    device = getattr(args, "device", None) or default_device(cfg.parallel.backend)
+    attention.check(cfg.model.attention, device.split(":")[0])
     if not cfg.output.out:
         cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
     return cfg
@@ -258,6 +263,19 @@ class Job:
         first, last = self.engine.plan.layers[self.rank]
         log(self.rank, f"layers [{first}, {last}) of {self.engine.plan.layers[-1][1]} on {self.comm.device}; {what}")
         self.vae = None
+
+    def prepare(self, cfgs: list[Config]) -> None:
+        """Encode the prompts of every video the job will make with one text-encoder load (rank 0)."""
+        prompts = self.engine.prompts
+        if prompts is None:
+            return
+        from .config import prompt_schedule
+
+        texts = []
+        for c in cfgs:
+            texts += [t for _, t in prompt_schedule(c.sampling.prompt, c.video.frames)]
+            texts.append(c.sampling.negative_prompt)
+        prompts.warm(texts)
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM: stop at the next iteration boundary; a second one stops at once."""
@@ -451,6 +469,11 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
             import traceback
 
             traceback.print_exc()
+        if job is not None:
+            try:  # drop what a lost peer will never match; never wait for it
+                job.close(abort=True)
+            except Exception as ce:
+                log(rank, f"process group abort: {ce}")
         sys.stderr.flush()
         os._exit(1)  # peers may be gone: do not wait for them in process-group teardown
     try:

@@ -136,7 +136,15 @@ class Comm:
         self.messages_sent = 0
         self.send_bytes_held = 0
         """Bytes of this rank's send buffers (bounded by ``SEND_SLOTS`` per link)."""
-        self._device_checks: list[tuple[int, torch.Tensor]] = []  # (source rank, mismatch flag) per inbox
+        self._device_checks: list = []  # the inboxes whose tags are compared on the device
+        # Host reads of a few bytes (tags, flags) go through a stream of their own, so they wait
+        # for the transfer they read, not for all the compute queued on the current stream.
+        self._side = torch.cuda.Stream(self.wire) if self.wire.type == "cuda" else None
+        # Any mismatch seen on the device so far; folded into every tag this rank sends, so a bad
+        # message upstream spoils the tags downstream and reaches rank 0 before it writes anything.
+        self._any = torch.zeros((), dtype=torch.bool, device=self.wire)
+        self.defer_checks = self._side is not None
+        """Compare tags on the device and read the result later (CUDA); on CPU tags are read at once."""
         self.oplog: list | None = [] if os.environ.get("DUALPAR_P2P_LOG") else None
         self._ops = 0
         self._closed = False
@@ -295,6 +303,8 @@ class Comm:
         tag = msg[_padded(n):].view(torch.int64)
         tag[0].fill_(task)  # written on the device: no header built on the host
         tag[1].fill_(_check_word(tag_kind, task))
+        if self.defer_checks:
+            tag[1].add_(self._any.to(torch.int64) << 40)  # spoiled when anything upstream was wrong
         oid = self._log("send", dst, kind, task)
         try:
             work = dist.isend(msg, dst, group=self.group_for(kind))
@@ -353,11 +363,12 @@ class Comm:
 
     def check(self) -> None:
         """Raise if any message received so far did not match its task (a host sync on CUDA)."""
-        bad = [src for src, flag in self._device_checks if bool(flag)]
+        bad = [box.src for box in self._device_checks if box.mismatched()]
         if bad:
             src = ", ".join(str(s) for s in bad)
             raise CommError(f"rank {self.rank}: a message from rank {src} did not match the task it was received "
-                            "for (the ranks disagree on the schedule); nothing derived from it is written")
+                            "for (the ranks disagree on the schedule, here or upstream); nothing derived from it "
+                            "is written")
 
     # -- collectives -------------------------------------------------------
 
@@ -469,12 +480,20 @@ class Inbox:
         nbytes = max((message_bytes(shape, dtype) for _, _, shape, dtype in expected), default=0)
         self._link = _Link(self.depth + 1, nbytes, comm.wire, pinned=comm.staged) if nbytes else None
         self._mismatch = torch.zeros((), dtype=torch.bool, device=comm.wire)
-        if comm.wire.type != "cpu":
-            comm._device_checks.append((src, self._mismatch))
+        self._checked = None  # event after the latest device-side comparison (CUDA)
+        comm._device_checks.append(self)
         self._fill()
 
     def nbytes(self) -> int:
         return self._link.nbytes() if self._link else 0
+
+    def mismatched(self) -> bool:
+        """Whether any tag compared on the device so far was wrong (waits for the latest comparison only)."""
+        if self._checked is None:
+            return bool(self._mismatch)  # CPU: nothing is pending
+        self._checked.synchronize()
+        with torch.cuda.stream(self.comm._side):
+            return bool(self._mismatch)
 
     def _fill(self) -> None:
         while len(self._posted) < self.depth:
@@ -505,10 +524,14 @@ class Inbox:
         work, buf, (kind, task, shape, dtype), oid = self._posted.popleft()
         n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         tag = buf[_padded(n):].view(torch.int64)
-        host = comm.wire.type == "cpu" or stop_possible
+        host = not comm.defer_checks or stop_possible
         if host:
             comm.wait(work, self.src, f"waiting for task {task}", patient, ref=oid)
-            got_task, got_check = tag.tolist()
+            if comm._side is not None:  # the receive is complete: read its tag without draining the stream
+                with torch.cuda.stream(comm._side):
+                    got_task, got_check = tag.tolist()
+            else:
+                got_task, got_check = tag.tolist()
             if got_task == task and got_check == _check_word(KIND_STOP, task):
                 return None
             if (got_task, got_check) != (task, _check_word(kind, task)):
@@ -520,6 +543,10 @@ class Inbox:
             work.wait()  # NCCL: the current stream waits for the receive; the host does not
             bad = (tag[0] != task) | (tag[1] != _check_word(kind, task))
             self._mismatch.logical_or_(bad)
+            comm._any.logical_or_(bad)
+            if comm._side is not None:
+                self._checked = torch.cuda.Event()
+                self._checked.record()
         payload = buf[:n].view(dtype).view(shape)
         if comm.staged:
             payload = payload.to(comm.device)

@@ -27,6 +27,8 @@ SCHEDULERS = ("unipc", "euler")
 MODES = ("bidirectional", "causal")
 CAUSAL_POLICIES = ("full", "window", "topk", "focused")
 BACKENDS = ("auto", "nccl", "gloo")
+ATTENTION_BACKENDS = ("native", "cudnn", "efficient", "native-flash", "math", "flash", "flash3", "sage")
+COMPILE_MODES = ("off", "inductor", "aot_eager")
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
 VAE_SPATIAL = 8
 
@@ -51,6 +53,16 @@ class ModelConfig:
     """Compute dtype of the transformer: float32, bfloat16 or float16."""
     text_len: int = 512
     """Prompt length in tokens after padding (Wan uses 512)."""
+    attention: str = "native"
+    """Attention kernel of the bidirectional layers: ``native`` (torch SDPA, which picks FlashAttention-2 /
+    memory-efficient / cuDNN itself), ``cudnn``, ``efficient``, ``native-flash``, ``math`` (forced SDPA
+    kernels), ``flash`` (flash-attn 2), ``flash3`` (FlashAttention-3), ``sage`` (SageAttention)."""
+    compile: str = "off"
+    """``torch.compile`` of each owned layer: ``off``, ``inductor`` (fused kernels; every block shape of the
+    run is compiled before the ring starts), or ``aot_eager`` (traced, not fused: a cheap check)."""
+    cfg_serial: bool = False
+    """Run the two CFG rows (cond, uncond) through each layer one after the other instead of as a
+    batch of two: about half the peak activation memory, for some speed."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -264,6 +276,16 @@ class Config:
             raise ConfigError("model.transformer_file needs model.path (the folder gives config, VAE and text encoder)")
         if m.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {DTYPES}, got '{m.dtype}'")
+        if m.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(f"model.attention must be one of {ATTENTION_BACKENDS}, got '{m.attention}'")
+        if m.compile not in COMPILE_MODES:
+            raise ConfigError(f"model.compile must be one of {COMPILE_MODES}, got '{m.compile}'")
+        if m.compile != "off" and s.mode == "causal":
+            raise ConfigError("model.compile applies to the bidirectional mode (causal chunks change shape with "
+                              "their history); set model.compile=off")
+        if m.attention != "native" and s.mode == "causal":
+            raise ConfigError("model.attention applies to the bidirectional mode; causal mode's masked attention "
+                              "uses torch SDPA (model.attention=native)")
         if not 1 <= m.text_len <= 4096:
             raise ConfigError(f"model.text_len must be in [1, 4096], got {m.text_len}")
         if world_size < 1:

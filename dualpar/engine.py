@@ -13,7 +13,6 @@ to the output writer on rank 0 as soon as they are clean.
 from __future__ import annotations
 
 import copy
-import gc
 import sys
 import time
 from dataclasses import dataclass, field
@@ -178,28 +177,48 @@ class Engine:
         self.plan = Plan(cfg, comm.world, loader.num_layers(cfg))
         first, last = self.plan.layers[comm.rank]
         self.stage = Stage(loader.load_slice(cfg, first, last, comm.device))
+        self.prompts = loader.PromptCache(cfg, comm.device) if comm.is_first else None
         # Tasks rank 0 may have in flight around the ring: enough to keep every stage
         # busy (each link holds up to comm.SEND_SLOTS sends and two receives posted ahead).
         self.in_flight = 2 * comm.world
+        if cfg.model.compile != "off":
+            self.precompile(cfg.model.compile)
+
+    @torch.no_grad()
+    def precompile(self, mode: str) -> None:
+        """Compile the layer forward for every block shape of the run, on zeros, before the ring
+        starts (so no compilation happens while peers wait under the ring's timeout)."""
+        model, plan = self.stage.model, self.plan
+        model.compile_layers(mode)
+        t0 = time.perf_counter()
+        text = torch.zeros(plan.batch, self.cfg.model.text_len, model.dim, dtype=model.dtype, device=model.device)
+        model.set_text(text)
+        shapes = list(dict.fromkeys(plan.shape(t) for t in plan.tasks))
+        tpf = model.tokens_per_frame(plan.lat_h, plan.lat_w)
+        for shape in shapes:
+            packet = torch.zeros((plan.batch, shape.frames * tpf + MOD_ROWS, model.dim), dtype=model.dtype,
+                                 device=model.device)
+            extra = None
+            if shape.extra:
+                def zeros():  # distinct tensors: compiled graphs guard on aliasing
+                    return torch.zeros(plan.batch, shape.extra * tpf, model.dim, dtype=model.dtype,
+                                       device=model.device)
+
+                extra = [(zeros(), zeros()) for _ in model.layers]
+            model.forward_layers(packet, shape, extra)
+        model._cross_kv = None
+        log(self.comm.rank, f"compiled the layers ({mode}) for {len(shapes)} block shapes in "
+                            f"{time.perf_counter() - t0:.1f} s")
 
     # -- prompt --------------------------------------------------------------
 
     @torch.no_grad()
     def set_prompt(self, prompt: str, negative: str) -> None:
-        """Encode on rank 0 and give every rank the projected text context.
-
-        The text encoder (UMT5-XXL is about 11 GB) is loaded on rank 0 only, for
-        this prompt, and freed before denoising starts.
-        """
+        """Encode on rank 0 (once per text: see :class:`loader.PromptCache`) and give every rank the
+        projected text context."""
         text = None
         if self.comm.is_first:
-            prompts = [prompt, negative] if self.plan.batch == 2 else [prompt]
-            tokenizer, encoder = loader.load_text_encoder(self.cfg, self.comm.device)
-            states = loader.encode_prompts(tokenizer, encoder, prompts, self.cfg.model.text_len)
-            del tokenizer, encoder
-            gc.collect()
-            if self.comm.device.type == "cuda":
-                torch.cuda.empty_cache()
+            states = self.prompts.states([prompt, negative] if self.plan.batch == 2 else [prompt])
             text = self.stage.model.text_context(states)
         text = self.comm.broadcast(text, src=0)
         self.stage.model.set_text(text.to(self.stage.model.device))

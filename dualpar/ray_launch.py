@@ -80,9 +80,14 @@ class RankActor:
         job = Job(cfg, device=options.get("device"), threads=options.get("threads"), trace=options.get("trace", False))
         done = []
         try:
+            cfgs = []
             for prompt, out in videos:
                 vcfg = copy.deepcopy(cfg)
                 vcfg.sampling.prompt, vcfg.output.out = prompt, out
+                cfgs.append(vcfg)
+            job.prepare(cfgs)  # every prompt encoded with one load of the text encoder
+            for vcfg in cfgs:
+                out = vcfg.output.out
                 code = job.generate(vcfg, resume_run=options.get("resume", False), overwrite=options.get("overwrite"))
                 if code:
                     raise RuntimeError(f"rank {self.rank}: stopped with status {code}")

@@ -133,9 +133,9 @@ def instrument(timers: Timers) -> None:
 
     forward = cw.CausalWan.forward_layers
 
-    def forward_layers(self, packet, shape, caches):
+    def forward_layers(self, packet, shape, caches, out=None):
         timers.chunk = shape.start  # chunks are keyed by their first latent frame
-        return forward(self, packet, shape, caches)
+        return forward(self, packet, shape, caches, out=out)
 
     cw.CausalWan.forward_layers = timed(forward_layers, "layers")
     cw.CausalWan._self_attention = timed(cw.CausalWan._self_attention, "attn")

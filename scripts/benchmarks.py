@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import bench  # noqa: E402
 import bench_causal  # noqa: E402
 import bench_speedup  # noqa: E402
+import simulate  # noqa: E402
 from dualpar.output import atomic_write  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join("configs", "tiny.yaml")
@@ -46,12 +47,13 @@ DUALPAR_HEADLINE = {"latency": 6.54, "memory": 1.48, "gpus": "8x RTX 4090"}
 SETTINGS = {
     "full": dict(sweep_frames=[65, 129, 257, 513, 1025], speedup_frames=None, repeat=2,
                  sim_calib=dict(frames=257, block=8, num_cat=4), sim_target=dict(frames=513, block=4, num_cat=2),
-                 causal_args=[]),  # bench_causal.py's defaults: see its docstring
+                 causal_args=[], comm_args=[]),  # bench_causal.py's and bench_comm.py's defaults
     # Smoke test of the whole pipeline: short videos, one repeat, a small simulator case; the causal
     # section on bench_causal.py's quick cases with one repeat and the staggered schedule only (2 launches).
     "quick": dict(sweep_frames=[33, 65], speedup_frames=33, repeat=1,
                   sim_calib=dict(frames=65, block=8, num_cat=4), sim_target=dict(frames=33, block=4, num_cat=2),
-                  causal_args=["--quick", "--schedules", "staggered"]),
+                  causal_args=["--quick", "--schedules", "staggered"],
+                  comm_args=["--messages", "5", "--ranks", "2", "--delay", "0.02"]),
 }
 
 
@@ -502,11 +504,12 @@ def run_projection(ctx: Ctx) -> dict:
 def render_projection(data: dict, ctx: Ctx) -> str:
     rows, gpus, models = data["rows"], data["gpus"], data["models"]
     eff = data["efficiency"]
-    table = ["| GPUs | model | ranks | block | wall s | speed-up vs 1 GPU | max idle | weights+cache GB/rank |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| GPUs | model | ranks | block | wall s | speed-up vs 1 GPU | max idle | weights+cache GB/rank "
+             "| total GB/rank |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        total = f"{r['memory']['total_gb']:.1f}" if "memory" in r else "-"
         table.append(f"| {r['gpus']} | {r['model']} | {r['ranks']} | {r['block']} | {r['wall_s']:.0f} | "
-                     f"{r['speedup']:.2f}x | {max(r['idle']):.0%} | {r['mem_gb']:.1f} |")
+                     f"{r['speedup']:.2f}x | {max(r['idle']):.0%} | {r['mem_gb']:.1f} | {total} |")
     one = rows[0]
     multi = max(r["ranks"] for r in rows)
     peaks = "; ".join(f"{g['short']}: {eff * g['peak_flops'] / 1e12:.0f} TFLOPS" for g in gpus.values())
@@ -571,7 +574,9 @@ def render_projection(data: dict, ctx: Ctx) -> str:
         f"measurements: sustained bf16 throughput {eff:.0%} of the dense peak ({peaks}), neighbour links of {links}; "
         f"{data['steps']} UniPC steps, num_cat {data['num_cat']}. \"Speed-up\" is against one GPU running the same "
         f"block-wise schedule with block {one['block']}.", "",
-        *table, "", *(f"* {b}" for b in bullets)])
+        *table, "", *(f"* {b}" for b in bullets),
+        *(["", "### Memory per rank", "", simulate.memory_markdown(data["memory"], data["frames"])]
+          if "memory" in data else [])])
 
 
 # -- causal mode -----------------------------------------------------------------------------
@@ -706,6 +711,57 @@ def render_causal(data: dict, ctx: Ctx) -> str:
     return "\n".join(out).rstrip()
 
 
+# -- ring messages and the GPU check ---------------------------------------------------------
+
+
+def run_comm(ctx: Ctx) -> dict:
+    out = os.path.join(ctx.work, "comm.json")
+    run_script("bench_comm.py", *ctx.settings["comm_args"], "--json", out)
+    return read_json(out)
+
+
+def render_comm(data: dict, ctx: Ctx) -> str:
+    b, n = data["before"], data["now"]
+    mb = 1e6
+    rows = [("messages per hop", b["messages_per_hop"], n["messages_per_hop"], "{:.0f}"),
+            ("bytes on the wire beyond the payload", b["wire_bytes_per_hop"] - b["payload_bytes"],
+             n["wire_bytes_per_hop"] - n["payload_bytes"], "{:.0f}"),
+            ("tensors built from host data (a header)", b["host_built_per_hop"], n["host_built_per_hop"], "{:.0f}"),
+            ("payload-sized copies in send", b["payload_copies_per_hop"], n["payload_copies_per_hop"], "{:.0f}"),
+            ("payload-sized allocations in send", b["payload_allocs_per_hop"], n["payload_allocs_per_hop"], "{:.2f}"),
+            ("payload-sized allocations in receive", b["recv_payload_allocs_per_hop"],
+             n["recv_payload_allocs_per_hop"], "{:.2f}"),
+            ("sender's send-window peak, MB", b["send_window_peak_bytes"] / mb, n["send_window_peak_bytes"] / mb,
+             "{:.0f}"),
+            ("sender's peak RSS, MB", b["peak_rss_mb"], n["peak_rss_mb"], "{:.0f}")]
+    table = [f"| per hop | before ({data['rev']}) | now |", "|---|---|---|"]
+    table += [f"| {label} | {fmt.format(x)} | {fmt.format(y)} |" for label, x, y, fmt in rows]
+    shape = " x ".join(map(str, data["shape"]))
+    return "\n".join([
+        "## Ring messages at Wan2.1-1.3B packet size", "",
+        f"`{command('bench_comm.py', *ctx.settings['comm_args'])}`: two gloo processes on loopback; rank 0 sends "
+        f"{data['messages']} packets of [{shape}] bf16 ({n['payload_bytes'] / mb:.0f} MB: CFG rows, 8 context + 8 "
+        "own latent frames at 480x832, dim 1536) to a receiver that takes each slowly, so the sender's window "
+        f"fills. \"Before\" is `dualpar/comm.py` at {data['rev']} (a host-built 80-byte header concatenated with the "
+        f"payload, a send window of 2 x ranks + 1 messages, here for {data['ranks']} ranks), read from git and run "
+        "side by side; \"now\" sends the payload from one of 3 reused send buffers the producer writes into, with a "
+        "16-byte tag written on the device. Counts are taken inside the comm's own calls.", "", *table])
+
+
+def render_gpu(_data, ctx: Ctx) -> str:
+    path = os.path.join(ctx.plots, "gpu_check.json")
+    head = ["## GPU", ""]
+    if not os.path.exists(path):
+        return "\n".join(head + [
+            "Not measured yet: no session has had a GPU since the GPU path was built. `python scripts/gpu_check.py` "
+            "measures it in one go (see the README's GPU section) and writes `gpu_check.json` and `gpu_check.md`; "
+            "copy both to `docs/benchmarks/` and re-render (`python scripts/benchmarks.py --render-only`) to fill "
+            "this section. Figures above are CPU measurements or projections."])
+    md = os.path.join(ctx.plots, "gpu_check.md")
+    body = open(md).read().strip() if os.path.exists(md) else "(gpu_check.md missing beside gpu_check.json)"
+    return "\n".join(head + [body])
+
+
 SECTIONS = [
     Section("sweep", run_sweep, render_sweep),
     Section("speedup", run_speedup, render_speedup),
@@ -714,6 +770,8 @@ SECTIONS = [
     Section("simulator", run_simulator, render_simulator),
     Section("projection", run_projection, render_projection),
     Section("causal", run_causal, render_causal),
+    Section("comm", run_comm, render_comm),
+    Section("gpu", None, render_gpu),
 ]
 
 

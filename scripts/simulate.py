@@ -187,10 +187,12 @@ def layer_checkpoints(dim, ffn, heads, q_tokens, kv_tokens, batch, text_len, byt
     """Bytes live at each point of ``WanSlice._layer`` where a new peak can occur, beyond what is live
     before ``forward_layers`` starts (weights, the incoming packet, caches, text K/V, RoPE tables).
 
-    Returns ``{name: (bytes, after_keep)}``; ``after_keep`` says the point follows the clone of the
-    layer's K/V for the feature cache. ``x_in``: the layer's input is a tensor of its own, held by
-    forward_layers' loop for the whole layer (False for the first layer: a view of the packet)."""
+    Returns ``{name: (bytes, kept)}``: ``kept`` is the share of this layer's new feature-cache entry
+    (the clones of K and then V over the kept frames) alive at that point, counted by the caller.
+    ``x_in``: the layer's input is a tensor of its own, held by forward_layers' loop for the whole layer
+    (False for the first layer, whose input is a view of the packet)."""
     b, n, m, s = bytes_per_el, q_tokens, kv_tokens, text_len
+    e = m - n  # appended newer-neighbour tokens
     tok = batch * dim  # elements per token of a [B, tokens, dim] tensor
     up = 4 if b != 4 else 0  # x.float() copies only when the model dtype is not float32
     down = b if b != 4 else 0  # .type_as(x) back from float32 copies only then
@@ -214,35 +216,37 @@ def layer_checkpoints(dim, ffn, heads, q_tokens, kv_tokens, batch, text_len, byt
     lse = batch * heads * n * 4  # flash attention's float32 log-sum-exp [B, heads, n]
     flat = 0 if attn == "flash" else a(n)  # flash writes [B, n, heads, hd]: flatten(2, 3) is a view; math copies
     scaled = 0 if attn == "flash" else a(n) + a(m)  # math scales q and k into new tensors first
-    X = a(n) if x_in else 0
     mod = batch * 6 * dim * 4  # scale_shift_table + tproj.float(): [B, 6, dim] float32, chunked into views
-    base = X + mod
+    base = (a(n) if x_in else 0) + mod
     h = a(n)  # the normed, modulated input of each sub-block (a local of _layer until replaced)
     return {
-        "norm1": (base + norm_mod(n), False),
-        "q/k norm": (base + h + a(n) + a(n) + rms(n), False),  # q, k = to_k(h), RMSNorm of k
-        "k/v concat": (base + h + a(n) + a(m) + a(n) + a(m), True),  # q, k_cat, v, v_cat (+ kept K/V clones)
-        "q rope": (base + h + a(n) + a(m) + a(m) + a(n) + rope(n), True),  # q, k_cat, v_cat, rotated q, temps
-        "k rope": (base + h + a(n) + a(m) + a(m) + a(m) + rope(m), True),  # rotated q, k_cat, v_cat, rotated k
-        "self-attention": (base + h + a(n) + a(m) + a(m) + scaled + a(n) + lse + scores(m), True),
-        "attn out proj": (base + h + a(n) + a(m) + a(m) + a(n) + flat + a(n), True),  # + out, to_out[0](out)
+        "norm1": (base + norm_mod(n), 0),
+        "q/k norm": (base + h + a(n) + a(n) + rms(n), 0),  # q, k = to_k(h), RMSNorm of k
+        # K of the kept frames cloned; q rotated: q, k, rotated q and the temporaries
+        "q rope": (base + h + a(n) + a(n) + a(n) + rope(n), 0.5),
+        # rotated q, k, the [B, n + e, heads, hd] key buffer the own keys rotate into
+        "k rope": (base + h + a(n) + a(n) + a(m) + rope(n), 0.5),
+        "k rope, extra": (base + h + a(n) + a(m) + rope(e), 0.5),  # the newer block's keys into the buffer
+        "v": (base + h + a(n) + a(m) + a(m), 1),  # rotated q, keys, values [B, n + e, dim]; V of kept cloned
+        "self-attention": (base + h + a(n) + a(m) + a(m) + scaled + a(n) + lse + scores(m), 1),
+        "attn out proj": (base + h + a(n) + a(m) + a(m) + a(n) + flat + a(n), 1),  # + out, to_out[0](out)
         # x.float() + attn * gate (attn stays a local of _layer until it returns)
-        "residual 1": (base + h + a(n) + n * tok * (up + 4 + 4), True),
-        "norm2": (base + a(n) + a(n) + h + n * tok * max(up + 4, 4 + down), True),  # x, attn, old h, new h
-        "cross q norm": (base + a(n) + a(n) + h + a(n) + rms(n), True),
-        "cross-attention": (base + a(n) + a(n) + h + a(n) + a(n) + flat + a(n) + scores(s), True),
-        "norm3": (base + a(n) + a(n) + h + norm_mod(n), True),
+        "residual 1": (base + h + a(n) + n * tok * (up + 4 + 4), 1),
+        "norm2": (base + a(n) + a(n) + h + n * tok * max(up + 4, 4 + down), 1),  # x, attn, old h, new h
+        "cross q norm": (base + a(n) + a(n) + h + a(n) + rms(n), 1),
+        "cross-attention": (base + a(n) + a(n) + h + a(n) + a(n) + flat + a(n) + scores(s), 1),
+        "norm3": (base + a(n) + a(n) + h + norm_mod(n), 1),
         # x.float() is evaluated before ffn(h): x, attn, h, x.float(), proj(h) and gelu of it [B, n, ffn]
-        "FFN": (base + a(n) + a(n) + h + n * tok * up + 2 * n * batch * ffn * b, True),
-        "residual 3": (base + a(n) + a(n) + h + n * tok * max(up + 8, 2 * up + b), True),
+        "FFN": (base + a(n) + a(n) + h + n * tok * up + 2 * n * batch * ffn * b, 1),
+        "residual 3": (base + a(n) + a(n) + h + n * tok * max(up + 8, 2 * up + b), 1),
     }
 
 
 def memory_model(dim, ffn, heads, layers_on_rank, params_per_layer, tpf, frames, extra, num_cat, batch, text_len,
                  bytes_per_el, attn="flash", keep=None, role="middle", packet_frames=None, other_params=0,
-                 state_bytes=0, rope_tokens=None, pred_bytes=0):
+                 state_bytes=0, rope_tokens=None, pred_bytes=0, cfg_serial=False):
     """Per-rank memory in bytes while a task of ``frames`` (context + own) latent frames, ``extra``
-    appended newer-neighbour frames and ``keep`` (default ``num_cat``) kept frames runs.
+    appended newer-neighbour frames and ``keep`` (default ``num_cat``, at most the own frames) kept frames runs.
 
     * ``weights``: the owned layers (+ ``other_params``: embeddings on rank 0, head on the last).
     * ``cache``: the FeatureCache entries held when the task starts, one per owned layer: the newer
@@ -251,8 +255,11 @@ def memory_model(dim, ffn, heads, layers_on_rank, params_per_layer, tpf, frames,
     * ``text_kv``: each owned layer's cross-attention K/V of the prompt [B, text_len, dim] (set_text),
       plus the cached RoPE tables (float32 cos and sin [tokens, head_dim] per distinct task length).
     * ``activations``: the peak of one forward_layers call over what was live before it: the worst
-      point of one layer (layer_checkpoints) plus the net growth of the cache during the call (the
-      layer's new K/V are cloned before its old entry, taken from the cache, is dropped after the layer).
+      point of one layer (layer_checkpoints) plus the net growth of the cache during the call (each
+      layer's new K/V are cloned while its old entry, taken from the cache, lives until the layer ends).
+      ``cfg_serial`` (WanSlice.cfg_serial): the CFG rows run through each layer one after the other,
+      so the layer's transients are those of batch 1, next to the [B, n, dim] output being filled
+      and the rows' kept K/V (concatenated at the end of the layer); caches and packets keep batch B.
     * ``packets``: communication buffers, allocated once at the largest packet [B, frames*tpf + 7, dim]:
       a middle rank's receive ring (RECV_BUFFERS) and send slots (SEND_BUFFERS, the output packet is
       written into one); rank 0 embeds into a packet of its own and sends (and receives predictions);
@@ -267,12 +274,25 @@ def memory_model(dim, ffn, heads, layers_on_rank, params_per_layer, tpf, frames,
     n, m = frames * tpf, (frames + extra) * tpf
     entry_new = 2 * batch * keep * tpf * dim * b  # this task's kept K/V of one layer
     entry_old = 2 * batch * extra * tpf * dim * b  # the newer block's K/V one layer reads (taken from the cache)
+    serial = cfg_serial and batch == 2
     peak, where = 0, None
     for i in range(layers_on_rank):
-        pts = layer_checkpoints(dim, ffn, heads, n, m, batch, text_len, b, attn, x_in=i > 0)
-        for name, (live, after_keep) in pts.items():
-            # entries kept by earlier layers (and this one), less the old ones already dropped
-            live += (i + after_keep) * entry_new - i * entry_old
+        done = i * (entry_new - entry_old)  # entries kept by earlier layers, less the old ones they dropped
+        x_in = n * batch * dim * b if i > 0 else 0
+        if not serial:
+            points = {name: (live + done + kept * entry_new)
+                      for name, (live, kept) in layer_checkpoints(dim, ffn, heads, n, m, batch, text_len, b, attn,
+                                                                  x_in=i > 0).items()}
+        else:  # WanSlice._rows_one_by_one: out = empty_like(x), then each row's layer on views of the row
+            row = entry_new // batch  # one row's kept K/V
+            held = x_in + n * batch * dim * b + done  # the layer's input, the [B, n, dim] output being filled
+            points = {}
+            for r in range(batch):  # the row's input is a view of x; earlier rows' kept K/V are held
+                for name, (live, kept) in layer_checkpoints(dim, ffn, heads, n, m, 1, text_len, b, attn,
+                                                            x_in=False).items():
+                    points[f"row {r}: {name}"] = held + r * row + kept * row + live
+            points["kept K/V concat"] = held + 2 * entry_new  # the rows' clones and the batch-B entry
+        for name, live in points.items():
             if live > peak:
                 peak, where = live, f"layer {i}: {name}"
     cache = layers_on_rank * entry_old
@@ -290,7 +310,8 @@ def memory_model(dim, ffn, heads, layers_on_rank, params_per_layer, tpf, frames,
     return out
 
 
-def rank_memory(m, frames, steps, num_cat, ranks, block, batch=2, bytes_per_el=2, attn="flash", text_len=512):
+def rank_memory(m, frames, steps, num_cat, ranks, block, batch=2, bytes_per_el=2, attn="flash", text_len=512,
+                cfg_serial=False):
     """memory_model for every rank of a run, at each rank's worst task; returns the per-rank list
     (bytes) and the index of the rank with the largest total."""
     blocks, tasks, nc, st, tpf, layers = plan_for(frames, block, num_cat, steps, ranks, m["layers"], m["hw"])
@@ -301,6 +322,7 @@ def rank_memory(m, frames, steps, num_cat, ranks, block, batch=2, bytes_per_el=2
     state = (sch.max_in_flight(st, len(blocks)) * UNIPC_COPIES + 1) * latent
     common = dict(dim=m["dim"], ffn=m["ffn"], heads=m["heads"], params_per_layer=layer_params(m["dim"], m["ffn"]),
                   tpf=tpf, num_cat=nc, batch=batch, text_len=text_len, bytes_per_el=bytes_per_el, attn=attn,
+                  cfg_serial=cfg_serial,
                   packet_frames=max(la.context + la.own for la in lays), pred_bytes=latent,
                   rope_tokens=sum(f * tpf for f in {la.context + la.own + la.extra for la in lays}))
     per_rank = []
@@ -319,8 +341,8 @@ def rank_memory(m, frames, steps, num_cat, ranks, block, batch=2, bytes_per_el=2
 MEMORY_KEYS = ("weights", "cache", "text_kv", "activations", "packets", "state", "total")
 
 
-def _memory_gb(m, frames, steps, num_cat, ranks, block, batch=2):
-    per_rank, worst = rank_memory(m, frames, steps, num_cat, ranks, block, batch=batch)
+def _memory_gb(m, frames, steps, num_cat, ranks, block, cfg_serial=False):
+    per_rank, worst = rank_memory(m, frames, steps, num_cat, ranks, block, cfg_serial=cfg_serial)
     w = per_rank[worst]
     return dict({f"{k}_gb": w[k] / 1e9 for k in MEMORY_KEYS}, rank=worst, role=w["role"], layers=w["layers"],
                 peak_at=w["peak_at"])
@@ -355,14 +377,15 @@ def fits(total_gb):
 
 
 def memory_table(frames=1025, steps=50, num_cat=8, block=8, ranks=(1, 8)):
-    """Per-rank memory of both models at ``block``/``num_cat`` (bf16, flash attention), CFG batch 2 and 1."""
+    """Per-rank memory of both models at ``block``/``num_cat`` (bf16, flash attention, CFG batch 2), with
+    the CFG rows through each layer together and one after the other (``model.cfg_serial``)."""
     rows = []
     for mname, m in MODELS.items():
         for n in ranks:
-            two = _memory_gb(m, frames, steps, num_cat, n, block, batch=2)
-            one = _memory_gb(m, frames, steps, num_cat, n, block, batch=1)
-            rows.append(dict(model=mname, ranks=n, block=block, num_cat=num_cat, batch2=two, batch1=one,
-                             fits=fits(two["total_gb"]), fits_batch1=fits(one["total_gb"])))
+            two = _memory_gb(m, frames, steps, num_cat, n, block)
+            one = _memory_gb(m, frames, steps, num_cat, n, block, cfg_serial=True)
+            rows.append(dict(model=mname, ranks=n, block=block, num_cat=num_cat, batch2=two, cfg_serial=one,
+                             fits=fits(two["total_gb"]), fits_cfg_serial=fits(one["total_gb"])))
     return rows
 
 
@@ -402,29 +425,36 @@ def project(frames=1025, steps=50, num_cat=8):
     for r in data["balanced"]:
         print(f"balanced: {r['gpus']}, {r['model']}: {r['ranks']} ranks, block {r['block']}: {r['wall_s']:.0f} s, "
               f"max idle {max(r['idle']):.0%}")
-    mem = data["memory"]
-    first = mem["rows"][0]
-    print(f"\nper-rank memory, GB (1e9 bytes): {frames} frames, block {first['block']}, num_cat {first['num_cat']}, "
-          "bf16, CFG batch 2, flash attention; the rank with the largest total\n")
-    print("| model | ranks | rank (layers) | weights | cache | text K/V + RoPE | activations | packets | rank-0 state "
-          "| total | fits | total, batch 1 | fits, batch 1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in mem["rows"]:
-        b2, b1 = r["batch2"], r["batch1"]
-        print(f"| {r['model']} | {r['ranks']} | {b2['rank']} ({b2['layers']}) | {b2['weights_gb']:.2f} | "
-              f"{b2['cache_gb']:.2f} | {b2['text_kv_gb']:.2f} | {b2['activations_gb']:.2f} | {b2['packets_gb']:.2f} | "
-              f"{b2['state_gb']:.2f} | {b2['total_gb']:.1f} | {', '.join(r['fits']) or 'none'} | "
-              f"{b1['total_gb']:.1f} | {', '.join(r['fits_batch1']) or 'none'} |")
-    gpus = ", ".join(f"{n} {gb} GB" for n, gb in MEMORY_GPUS)
-    print(f"\nnote: \"fits\" = total <= {mem['usable']:.0%} of the card ({gpus}): ~{1 - mem['usable']:.0%} is left "
-          "for the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation. Activations = the peak of one "
-          "layer's forward over the worst task (" + "; ".join(sorted({r['batch2']['peak_at'].split(': ')[1]
-                                                                     for r in mem["rows"]})) + ") plus the net "
-          "growth of the feature cache during it; packets = receive ring (3) + send slots (3) at the largest packet "
-          "on a middle rank, the embedded packet + send slots on rank 0. Batch 1 = CFG rows one after the other "
-          "(cache, text K/V, activations and packets halve; weights do not). Not counted: the text encoder "
-          "(rank 0, before denoising) and VAE decoding on rank 0.")
+    print("\n" + memory_markdown(data["memory"], frames))
     return data
+
+
+def memory_markdown(mem: dict, frames: int) -> str:
+    """The per-rank memory table (weights, cache, activations, ...) and which cards it fits, as markdown."""
+    first = mem["rows"][0]
+    lines = [f"Per-rank memory, GB (1e9 bytes): {frames} frames, block {first['block']}, num_cat {first['num_cat']}, "
+             "bf16, CFG batch 2, flash attention; the rank with the largest total.", "",
+             "| model | ranks | rank (layers) | weights | cache | text K/V + RoPE | activations | packets | rank-0 state "
+             "| total | fits | activations, CFG rows serial | total, CFG rows serial | fits, CFG rows serial |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in mem["rows"]:
+        b2, b1 = r["batch2"], r["cfg_serial"]
+        lines.append(f"| {r['model']} | {r['ranks']} | {b2['rank']} ({b2['layers']}) | {b2['weights_gb']:.2f} | "
+                     f"{b2['cache_gb']:.2f} | {b2['text_kv_gb']:.2f} | {b2['activations_gb']:.2f} | "
+                     f"{b2['packets_gb']:.2f} | {b2['state_gb']:.2f} | {b2['total_gb']:.1f} | "
+                     f"{', '.join(r['fits']) or 'none'} | {b1['activations_gb']:.2f} | {b1['total_gb']:.1f} | "
+                     f"{', '.join(r['fits_cfg_serial']) or 'none'} |")
+    gpus = ", ".join(f"{n} {gb} GB" for n, gb in mem["gpus"].items())
+    peaks = sorted({r[k]["peak_at"].split(": ")[-1] for r in mem["rows"] for k in ("batch2", "cfg_serial")})
+    lines += ["", f"Note: \"fits\" = total <= {mem['usable']:.0%} of the card ({gpus}): ~{1 - mem['usable']:.0%} is "
+              "left for the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation. Activations = the peak "
+              f"of one layer's eager forward over the worst task (at: {', '.join(peaks)}) plus the net growth of the "
+              f"feature cache during it; packets = receive ring ({RECV_BUFFERS}) + send slots ({SEND_BUFFERS}) at the "
+              "largest packet on a middle rank, the embedded packet + send slots on rank 0. \"CFG rows serial\" "
+              "(model.cfg_serial: the two CFG rows through each layer one after the other) shrinks only the "
+              "activations; caches, text K/V and packets keep both rows. Not counted: the text encoder (rank 0, "
+              "before denoising), VAE decoding on rank 0, torch.compile'd layers (fewer transients)."]
+    return "\n".join(lines)
 
 
 def main():

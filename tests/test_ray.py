@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,7 +18,9 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -
 
 from test_parallel import ARGS, launch, read_blocks  # noqa: E402
 
+# New local clusters require token auth; the tests bring their own token (nothing read from ~/.ray).
 ENV = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="token")
+ENV.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,8 @@ def test_prompt_file_two_videos_one_model_load(root, cluster, tmp_path):
     assert all(m["frames_written"] == 89 for m in mans)
     # each actor built its slice of the model once, for both videos
     assert err.count("[rank 0] layers [0, 4)") == 1 and err.count("[rank 1] layers [4, 8)") == 1
+    # and loaded the text encoder once for both prompts (and the shared negative prompt)
+    assert err.count("[rank 0] text encoder loaded for 3 prompt(s)") == 1 and "text encoder loaded" in err
     # different prompts, different videos
     a = read_blocks(tmp_path / "batch" / "prompt-000")[1][0]
     b = read_blocks(tmp_path / "batch" / "prompt-001")[1][0]

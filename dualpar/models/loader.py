@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -53,7 +54,17 @@ def num_layers(cfg: Config) -> int:
 
 
 def load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanSlice:
-    """Layers [first, last) (plus embedding / head at the ends), nothing else kept in memory."""
+    """Layers [first, last) (plus embedding / head at the ends), nothing else kept in memory,
+    set up with the run's attention kernel and CFG-row mode."""
+    from . import attention
+
+    part = _load_slice(cfg, first, last, device)
+    part.attention = attention.backend(cfg.model.attention)
+    part.cfg_serial = cfg.model.cfg_serial
+    return part
+
+
+def _load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanSlice:
     dtype = torch_dtype(cfg.model.dtype)
     if cfg.model.path:
         from . import checkpoint
@@ -111,6 +122,41 @@ def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
         tok = tiny_tokenizer()
         enc = tiny_text_encoder(cfg.model.weights_seed + 2, len(tok))
     return tok, enc.to(device).eval().requires_grad_(False)
+
+
+class PromptCache:
+    """UMT5 states per prompt text, on rank 0: each text is encoded once and kept (on the host).
+
+    The encoder (UMT5-XXL: about 11 GB) is loaded for each batch of texts not
+    seen yet and freed right after, so it is never resident while denoising;
+    :meth:`warm` encodes a whole batch of videos' prompts with one load.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device | str):
+        self.cfg, self.device = cfg, torch.device(device)
+        self._states: dict[str, torch.Tensor] = {}
+        self.loads = 0
+        """Times the encoder was loaded."""
+
+    def warm(self, prompts: list[str]) -> None:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._states))
+        if not missing:
+            return
+        tokenizer, encoder = load_text_encoder(self.cfg, self.device)
+        self.loads += 1
+        states = encode_prompts(tokenizer, encoder, missing, self.cfg.model.text_len)
+        del tokenizer, encoder
+        print(f"[rank 0] text encoder loaded for {len(missing)} prompt(s), then freed", file=sys.stderr, flush=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for text, st in zip(missing, states):
+            self._states[text] = st.to("cpu")
+
+    def states(self, prompts: list[str]) -> torch.Tensor:
+        """States [len(prompts), text_len, d] on the device (encodes the texts not seen yet)."""
+        self.warm(prompts)
+        return torch.stack([self._states[p] for p in prompts]).to(self.device)
 
 
 @torch.no_grad()

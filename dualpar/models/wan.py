@@ -52,11 +52,12 @@ class BlockShape:
         return self.context + self.own
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x`` [B, L, H, D] (Wan's real-valued RoPE)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x`` [B, L, H, D] (Wan's real-valued RoPE), into ``out`` if given."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
+    if out is None:
+        out = torch.empty_like(x)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(x)
@@ -89,6 +90,11 @@ class WanSlice(nn.Module):
             self.scale_shift_table = model.scale_shift_table
         self._rope_cache: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._cross_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.attention = None
+        """diffusers attention backend of the layers (None: the dispatcher's default, torch SDPA)."""
+        self.cfg_serial = False
+        """Run the CFG rows through each layer one after the other (less activation memory)."""
+        self._compiled_layer = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -164,14 +170,41 @@ class WanSlice(nn.Module):
         rope_k = (cos, sin)
         keep = slice(shape.context * tpf, (shape.context + shape.keep) * tpf) if shape.keep else None
         kept = []
+        layer = self._compiled_layer or self._layer
         for i, blk in enumerate(self.layers):
             extra = None
             if extra_kv is not None:
                 extra, extra_kv[i] = extra_kv[i], None  # freed once this layer has attended to it
-            x, kv = self._layer(blk, x, self._cross_kv[i], tproj, rope_q, rope_k, extra, keep)
+            if self.cfg_serial and x.shape[0] == 2:
+                x, kv = self._rows_one_by_one(layer, blk, x, self._cross_kv[i], tproj, rope_q, rope_k, extra, keep)
+            else:
+                x, kv = layer(blk, x, self._cross_kv[i], tproj, rope_q, rope_k, extra, keep)
             del extra
             kept.append(kv)
         return torch.cat([x, mod], dim=1, out=out), kept
+
+    @staticmethod
+    def _rows_one_by_one(layer, blk, x, cross_kv, tproj, rope_q, rope_k, extra, keep):
+        # CFG rows through the layer one at a time: the layer's transients are for one row.
+        out = torch.empty_like(x)
+        kvs = []
+        for r in range(x.shape[0]):
+            row = slice(r, r + 1)
+            ex = (extra[0][row], extra[1][row]) if extra is not None else None
+            y, kv = layer(blk, x[row], (cross_kv[0][row], cross_kv[1][row]), tproj[row], rope_q, rope_k, ex, keep)
+            out[row] = y
+            del y
+            kvs.append(kv)
+        kv = (torch.cat([a for a, _ in kvs]), torch.cat([b for _, b in kvs])) if keep is not None else None
+        return out, kv
+
+    def compile_layers(self, mode: str) -> None:
+        """``torch.compile`` the per-layer forward (``inductor`` or ``aot_eager``); shapes are static."""
+        import torch._dynamo
+
+        # one graph per block shape of the run (a handful): do not fall back to eager after 8
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self._compiled_layer = torch.compile(self._layer, backend=mode, dynamic=False)
 
     def _layer(self, blk, x, cross_kv, tproj, rope_q, rope_k, extra, keep):
         # Mirrors diffusers' WanTransformerBlock.forward (wan2.1 path), fp32 norms and modulation.
@@ -185,26 +218,43 @@ class WanSlice(nn.Module):
         x = (x.float() + blk.ffn(h).float() * c_gate).type_as(x)
         return x, kv
 
-    @staticmethod
-    def _self_attention(a, h, rope_q, rope_k, extra, keep):
+    def _self_attention(self, a, h, rope_q, rope_k, extra, keep):
         q = a.norm_q(a.to_q(h))
         k = a.norm_k(a.to_k(h))
-        v = a.to_v(h)
-        kv = (k[:, keep].clone(), v[:, keep].clone()) if keep is not None else None
-        if extra is not None:
-            k = torch.cat([k, extra[0]], dim=1)
-            v = torch.cat([v, extra[1]], dim=1)
+        k_keep = k[:, keep].clone() if keep is not None else None
         q = apply_rope(q.unflatten(2, (a.heads, -1)), *rope_q)
-        k = apply_rope(k.unflatten(2, (a.heads, -1)), *rope_k)
-        v = v.unflatten(2, (a.heads, -1))
-        out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
+        if extra is None:
+            k = apply_rope(k.unflatten(2, (a.heads, -1)), *rope_k)
+            v = a.to_v(h)
+            kv = (k_keep, v[:, keep].clone()) if keep is not None else None
+            v = v.unflatten(2, (a.heads, -1))
+        else:
+            # Own and neighbour K/V are written straight into one buffer each (rotated keys,
+            # projected values): no concatenated copy of the whole K or V.
+            n, e = k.shape[1], extra[0].shape[1]
+            cos, sin = rope_k
+            kk = torch.empty(k.shape[0], n + e, a.heads, k.shape[2] // a.heads, dtype=k.dtype, device=k.device)
+            apply_rope(k.unflatten(2, (a.heads, -1)), cos[:, :n], sin[:, :n], out=kk[:, :n])
+            del k
+            apply_rope(extra[0].unflatten(2, (a.heads, -1)), cos[:, n:], sin[:, n:], out=kk[:, n:])
+            k = kk
+            v = torch.empty(h.shape[0], n + e, extra[1].shape[2], dtype=extra[1].dtype, device=h.device)
+            for r in range(h.shape[0]):  # one GEMM per row lands in a contiguous slice of the buffer
+                if a.to_v.bias is None:
+                    torch.mm(h[r], a.to_v.weight.t(), out=v[r, :n])
+                else:
+                    torch.addmm(a.to_v.bias, h[r], a.to_v.weight.t(), out=v[r, :n])
+            v[:, n:] = extra[1]
+            kv = (k_keep, v[:, keep].clone()) if keep is not None else None
+            v = v.unflatten(2, (a.heads, -1))
+        out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=self.attention)
         out = out.flatten(2, 3).type_as(q)
         return a.to_out[1](a.to_out[0](out)), kv
 
-    @staticmethod
-    def _cross_attention(a, h, cross_kv):
+    def _cross_attention(self, a, h, cross_kv):
         q = a.norm_q(a.to_q(h)).unflatten(2, (a.heads, -1))
-        out = dispatch_attention_fn(q, cross_kv[0], cross_kv[1], attn_mask=None, dropout_p=0.0, is_causal=False)
+        out = dispatch_attention_fn(q, cross_kv[0], cross_kv[1], attn_mask=None, dropout_p=0.0, is_causal=False,
+                                    backend=self.attention)
         out = out.flatten(2, 3).type_as(q)
         return a.to_out[1](a.to_out[0](out))
 
