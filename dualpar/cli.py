@@ -390,7 +390,8 @@ class Job:
                     log(rank, f"output writer: {we}")
             raise
         loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent), peak_rss_mb(),
-                                   peak_cuda_mb(), float(stats.cache_bytes)])
+                                   peak_cuda_mb(), float(stats.cache_bytes), float(stats.messages_sent),
+                                   float(stats.send_buffer_bytes)])
         if self.trace.enabled:
             self._write_trace(out)
         if rank == 0:
@@ -413,8 +414,9 @@ class Job:
         out, frames = cfg.output.out, cfg.video.frames
         per_rank = [
             {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent),
-             "peak_rss_mb": rss, "peak_cuda_mb": cuda, "kv_cache_mb": kv / 2**20}
-            for r, (wall, comp, wait, sent, rss, cuda, kv) in enumerate(loop)
+             "messages_sent": int(msgs), "send_buffers_mb": sbuf / 2**20, "peak_rss_mb": rss, "peak_cuda_mb": cuda,
+             "kv_cache_mb": kv / 2**20}
+            for r, (wall, comp, wait, sent, rss, cuda, kv, msgs, sbuf) in enumerate(loop)
         ]
         for r in per_rank:
             log(0, f"rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "

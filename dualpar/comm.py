@@ -267,33 +267,35 @@ class Comm:
         Write the message into it, then :meth:`send` it. On a staged (gloo on
         CUDA) link the view is a fresh device tensor, copied to pinned memory at send.
         """
-        link = self._link(("send", dst, kind), SEND_SLOTS, message_bytes(shape, dtype))
+        if self.staged:  # the producer writes on the GPU; send() copies it into pinned memory
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        link = self._acquire(dst, kind, message_bytes(shape, dtype))
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        return link.bufs[link.next][:n].view(dtype).view(shape)
+
+    def _acquire(self, dst: int, kind: int, nbytes: int) -> _Link:
+        """The link towards ``dst`` with its next buffer free (bounded window: the oldest send must be done)."""
+        link = self._link(("send", dst, kind), SEND_SLOTS, nbytes)
         i = link.next
-        if link.works[i] is not None:  # bounded window: the oldest send must be done
+        if link.works[i] is not None:
             self.wait(link.works[i][0], dst, "send", ref=link.works[i][1])
             link.works[i] = None
         self.send_bytes_held = sum(v.nbytes() for k, v in self._links.items() if k[0] == "send")
-        if self.staged:
-            return torch.empty(shape, dtype=dtype, device=self.device)
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        return link.bufs[i][:n].view(dtype).view(shape)
+        return link
 
     def send(self, t: torch.Tensor, dst: int, kind: int, task: int) -> None:
         """Send ``t`` (ideally the view :meth:`send_buffer` gave) to ``dst`` without waiting for the transfer."""
         link = self._links.get(("send", dst, kind))
         own = (link is not None and not self.staged and t.is_contiguous()
                and t.data_ptr() == link.bufs[link.next].data_ptr())
-        if not own:  # anything else is copied into the next send buffer
-            view = self.send_buffer(dst, kind, tuple(t.shape), t.dtype, task)
-            link = self._links[("send", dst, kind)]
-            if self.staged:
-                view = link.bufs[link.next][: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            view.copy_(t)
+        if not own:  # anything else (and everything on a staged link) is copied into the next send buffer
+            link = self._acquire(dst, kind, message_bytes(tuple(t.shape), t.dtype))
+            link.bufs[link.next][: t.numel() * t.element_size()].view(t.dtype).view(t.shape).copy_(t)
         self._send_tagged(t.numel() * t.element_size(), dst, kind, task, kind)
 
     def send_stop(self, dst: int, task: int, shape, dtype: torch.dtype, kind: int = KIND_PACKET) -> None:
         """Tell ``dst`` the run stops before ``task`` (a message sized like the one it expects)."""
-        self.send_buffer(dst, kind, shape, dtype, task)
+        self._acquire(dst, kind, message_bytes(shape, dtype))
         self._send_tagged(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dst, kind, task, KIND_STOP)
 
     def _send_tagged(self, n: int, dst: int, kind: int, task: int, tag_kind: int) -> None:

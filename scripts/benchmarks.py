@@ -717,7 +717,7 @@ def render_causal(data: dict, ctx: Ctx) -> str:
 def run_comm(ctx: Ctx) -> dict:
     out = os.path.join(ctx.work, "comm.json")
     run_script("bench_comm.py", *ctx.settings["comm_args"], "--json", out)
-    return read_json(out)
+    return dict(read_json(out), args=ctx.settings["comm_args"])
 
 
 def render_comm(data: dict, ctx: Ctx) -> str:
@@ -739,7 +739,7 @@ def render_comm(data: dict, ctx: Ctx) -> str:
     shape = " x ".join(map(str, data["shape"]))
     return "\n".join([
         "## Ring messages at Wan2.1-1.3B packet size", "",
-        f"`{command('bench_comm.py', *ctx.settings['comm_args'])}`: two gloo processes on loopback; rank 0 sends "
+        f"`{command('bench_comm.py', *data.get('args', []))}`: two gloo processes on loopback; rank 0 sends "
         f"{data['messages']} packets of [{shape}] bf16 ({n['payload_bytes'] / mb:.0f} MB: CFG rows, 8 context + 8 "
         "own latent frames at 480x832, dim 1536) to a receiver that takes each slowly, so the sender's window "
         f"fills. \"Before\" is `dualpar/comm.py` at {data['rev']} (a host-built 80-byte header concatenated with the "
