@@ -662,18 +662,20 @@ def memory_model_estimate(sim, b: Bench, cfg: dict, row: dict) -> dict | None:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def build_bench(res: dict, s: dict, dev: torch.device) -> "Bench":
+    """The section's random-weight model on the device, wrapped for timing; records what it built."""
+    res["model"], res["dtype"], res["pixels"] = s["name"], s["dtype"], list(s["pixels"])
+    t = time.perf_counter()
+    model = random_transformer(s["config"], dev, getattr(torch, s["dtype"]))
+    sync(dev)
+    res["build_s"] = time.perf_counter() - t
+    return Bench(model, s, dev)
+
+
 @torch.no_grad()
 def sec_wan13b(res: dict, ctx: dict) -> None:
     s, dev = ctx["settings"]["wan13b"], ctx["device"]
-    dtype = getattr(torch, s["dtype"])
-    res["model"], res["dtype"] = s["name"], s["dtype"]
-    res["pixels"] = list(s["pixels"])
-    t = time.perf_counter()
-    model = random_transformer(s["config"], dev, dtype)
-    sync(dev)
-    res["build_s"] = time.perf_counter() - t
-    b = Bench(model, s, dev)
-    del model
+    b = build_bench(res, s, dev)
     res["layers"], res["tokens_per_frame"], res["dim"] = b.L, b.tpf, b.dim
     res["weights_bytes"] = param_bytes(b.slice)
     res["layer_weights_bytes"] = param_bytes(b.slice.layers[0])
@@ -792,14 +794,7 @@ def sec_wan14b(res: dict, ctx: dict) -> None:
     from dualpar.schedule import split_layers
 
     s, dev = ctx["settings"]["wan14b"], ctx["device"]
-    dtype = getattr(torch, s["dtype"])
-    res["model"], res["dtype"], res["pixels"] = s["name"], s["dtype"], list(s["pixels"])
-    t = time.perf_counter()
-    model = random_transformer(s["config"], dev, dtype)
-    sync(dev)
-    res["build_s"] = time.perf_counter() - t
-    b = Bench(model, s, dev)
-    del model
+    b = build_bench(res, s, dev)
     res["tokens_per_frame"] = b.tpf
     res["layer_weights_bytes"] = param_bytes(b.slice.layers[0])
     row = measure_shape(b, "steady block", s["context"], s["extra"], s["reps"])
