@@ -14,19 +14,17 @@ as in :mod:`engine`.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from kv_cache import make_policy
 from . import schedule as sch
-from .comm import KIND_PACKET, Comm
+from .comm import Comm
 from .config import Config, prompt_schedule
-from .engine import Geometry, Returns, RunStats, relay
 from .models import loader
 from .models.causal_wan import CausalWan, ChunkShape, LayerCache
 from .models.wan import MOD_ROWS
-from .trace import Clock, Stopwatch, Trace
+from .ring import Geometry, RunStats, relay, run_first
+from .trace import Trace
 
 
 def sigmas(cfg: Config) -> list[float]:
@@ -120,6 +118,11 @@ class CausalState:
         self.noisy: dict[int, torch.Tensor] = {}
         self.clean: dict[int, torch.Tensor] = {}
         self.blocks_done = 0
+        self.iteration = 0
+        """The next iteration to run (causal runs take no checkpoints; kept for the ring's loop)."""
+
+    def live_blocks(self) -> int:
+        return len(self.noisy) + len(self.clean)
 
     def _noise(self, chunk: int, step: int) -> torch.Tensor:
         f = self.plan.blocks[chunk].frames
@@ -200,10 +203,6 @@ class CausalEngine:
             return self._run_first(writer, progress, keep_latents, should_stop)
         return self._run_other()
 
-    def _packet_shape(self, task):
-        m = self.model
-        return self.plan.packet_shape(task, m.dim, m.tokens_per_frame(self.plan.lat_h, self.plan.lat_w))
-
     def _run_other(self) -> RunStats:
         plan, cw = self.plan, self.stage.model
 
@@ -214,72 +213,40 @@ class CausalEngine:
                 return cw.head(self.stage.run(packet, task, shape), shape, self.cfg.sampling.guidance, out=out)
             return self.stage.run(packet, task, shape, out=out)
 
-        st = relay(self.comm, self.trace, plan.tasks, self._packet_shape, self.model.dtype, compute, self._name,
-                   lambda t: plan.pred_shape(t, self.model.out_channels))
+        st = relay(self.comm, self.trace, plan.tasks, self.packet_shape, self.packet_dtype(), compute, self.name,
+                   self.pred_shape)
         st.cache_bytes = self.stage.cache_bytes()
         return st
 
+    # -- the mode, as ring.run_first sees it -----------------------------------------
+
+    def packet_shape(self, task) -> tuple[int, ...]:
+        m = self.model
+        return self.plan.packet_shape(task, m.dim, m.tokens_per_frame(self.plan.lat_h, self.plan.lat_w))
+
+    def pred_shape(self, task) -> tuple[int, ...]:
+        return self.plan.pred_shape(task, self.model.out_channels)
+
+    def packet_dtype(self) -> torch.dtype:
+        return self.model.dtype
+
     @staticmethod
-    def _name(task) -> str:
+    def name(task) -> str:
         return f"c{task.chunk} commit" if task.commit else f"c{task.chunk} s{task.step}"
 
+    def before_task(self, task) -> None:
+        self.stage.model.release_prompts_before(self.plan.oldest_prompt(task))
+
+    def embed(self, state: "CausalState", task) -> torch.Tensor:
+        x, t = state.input(task)
+        return self.stage.model.embed(x, t, self.plan.batch)
+
+    def head(self, packet: torch.Tensor, task) -> torch.Tensor:
+        return self.stage.model.head(packet, self.plan.shape(task), self.cfg.sampling.guidance)
+
     def _run_first(self, writer, progress, keep_latents, should_stop) -> RunStats:
-        cfg, comm, plan, st = self.cfg, self.comm, self.plan, RunStats()
-        watch = Stopwatch(Clock(comm.device))
-        model = self.model
-        state = CausalState(cfg, plan, model.out_channels, comm.device)
-
-        def apply(task, pred) -> None:
-            done = state.apply(task, pred)
-            if done is not None:
-                comm.check()  # nothing derived from a mismatched message reaches the output
-                if writer is not None:
-                    writer.add_block(task.chunk, done)
-                if keep_latents:
-                    st.blocks.append(done)
-                if progress is not None:
-                    progress.block_done(task.chunk, plan.frames_of_block(task.chunk))
-
-        returns = Returns(comm, self.trace, plan.tasks, 0, lambda t: plan.pred_shape(t, model.out_channels), apply,
-                          self._name, st, watch)
-        drain = returns.drain
-        if comm.world > 1:
-            comm.reserve(comm.next, KIND_PACKET, [self._packet_shape(t) for t in plan.tasks], model.dtype)
-
-        t0 = time.perf_counter()
-        for task in plan.tasks:
-            boundary = task.index > 0 and task.iteration != plan.tasks[task.index - 1].iteration
-            if boundary and should_stop is not None and should_stop():
-                drain(task.index - 1)
-                if comm.world > 1:
-                    comm.send_stop(comm.next, task.index, self._packet_shape(task), model.dtype)
-                st.stopped = True
-                break
-            drain(max(task.needs, task.index - self.in_flight))
-            shape = plan.shape(task)
-            self.stage.model.release_prompts_before(plan.oldest_prompt(task))
-            out = None if comm.world == 1 else comm.send_buffer(
-                comm.next, KIND_PACKET, self._packet_shape(task), model.dtype, task.index)
-            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration), \
-                    watch.measure("compute"):
-                x, t = state.input(task)
-                packet = self.stage.model.embed(x, t, plan.batch)
-                packet = self.stage.run(packet, task, shape, out=out)
-                if comm.world == 1:
-                    pred = self.stage.model.head(packet, shape, cfg.sampling.guidance)
-                    apply(task, pred)
-            if comm.world == 1:
-                returns.applied = task.index
-            else:
-                with self.trace.span("send", "send", task=task.index):
-                    comm.send(packet, comm.next, KIND_PACKET, task.index)
-            st.tasks += 1
-            st.peak_live_blocks = max(st.peak_live_blocks, len(state.noisy) + len(state.clean))
-            if progress is not None:
-                progress.task_done(task)
-        if not st.stopped:
-            drain(len(plan.tasks) - 1)
-        comm.flush()
-        st.finish(comm, watch, t0)
+        state = CausalState(self.cfg, self.plan, self.model.out_channels, self.comm.device)
+        st = run_first(self, self.comm, state, self.plan.tasks, 0, writer, progress, keep_latents,
+                       should_stop=should_stop)
         st.cache_bytes = self.stage.cache_bytes()
         return st

@@ -239,7 +239,8 @@ class Job:
         import torch
 
         from .comm import Comm
-        from .engine import Engine, log
+        from .engine import Engine
+        from .ring import log
         from .trace import Trace
 
         torch.set_num_threads(threads or 1)
@@ -281,7 +282,7 @@ class Job:
         """SIGINT/SIGTERM: stop at the next iteration boundary; a second one stops at once."""
         import signal
 
-        from .engine import log
+        from .ring import log
 
         def on_signal(signum, frame):
             if self.stop_signal:
@@ -303,7 +304,8 @@ class Job:
 
         from . import resume
         from .comm import PeerError
-        from .engine import DenoiseState, log
+        from .engine import DenoiseState
+        from .ring import log
         from .models import loader
         from .output import RunWriter
         from .progress import Progress
@@ -409,7 +411,7 @@ class Job:
             atomic_write(out, "trace.json", json.dumps(chrome_trace(per_rank)).encode())
 
     def _summary(self, cfg: Config, loop: list[list[float]], total: float) -> None:
-        from .engine import log
+        from .ring import log
 
         out, frames = cfg.output.out, cfg.video.frames
         per_rank = [
@@ -456,7 +458,7 @@ def describe(e: BaseException) -> str:
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """The torchrun / python entry: one job, one video; failures end the process."""
     from .comm import CommError, PeerError
-    from .engine import log
+    from .ring import log
 
     job = None
     rank = int(os.environ.get("RANK", "0"))

@@ -1,152 +1,27 @@
-"""The per-rank loop: the schedule's tasks, through this rank's stage, over the ring.
+"""The bidirectional (block-wise DualParal) mode: its plan, its engine and rank 0's state.
 
-Every rank walks the same task list (:func:`schedule.make_tasks`) in the same
-order. Rank 0 builds each block's input, embeds it and runs its layers; each
-following rank receives the packet, runs its layers and passes it on; the
-last rank applies the head and CFG and sends the noise prediction back to
-rank 0, which applies that block's scheduler step. Rank 0 only waits for a
-prediction when the next input depends on it (``Task.needs``) or when
-``2 x world`` tasks are already in flight around the ring. Finished blocks go
-to the output writer on rank 0 as soon as they are clean.
+The task list is :func:`schedule.make_tasks`: every queued block gets one
+denoising step per iteration, newest first. A task's input is the block's
+latents after its older neighbour's last ``num_cat`` frames; its prediction is
+applied with the block's own scheduler. The loops themselves are :mod:`ring`'s.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from . import schedule as sch
-from .comm import KIND_PACKET, KIND_PRED, Comm
+from .comm import Comm
 from .config import Config
 from .models import loader
 from .models.wan import MOD_ROWS, BlockShape
 from .noise import NoisePool
+from .ring import Geometry, RunStats, relay, run_first
 from .stage import Stage
-from .trace import Clock, Stopwatch, Trace
-
-
-def log(rank: int, msg: str) -> None:
-    print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class RunStats:
-    wall_s: float = 0.0
-    """Wall time of the denoising loop on this rank."""
-    compute_s: float = 0.0
-    """Time this rank's device spent in forward passes (and scheduler steps on rank 0); CUDA events on GPUs."""
-    wait_s: float = 0.0
-    """Time spent waiting for receives (on GPUs: the stream stalled on them, by CUDA events)."""
-    tasks: int = 0
-    bytes_sent: int = 0
-    messages_sent: int = 0
-    """Point-to-point messages this rank sent (one per hop: payload and device-written tag)."""
-    send_buffer_bytes: int = 0
-    """Bytes of this rank's reused send buffers (bounded: ``comm.SEND_SLOTS`` per link)."""
-    stopped: bool = False
-    """The run stopped early at an iteration boundary (a checkpoint was taken)."""
-    peak_live_blocks: int = 0
-    """Most block latents rank 0 held at once (queued blocks + context tail): bounded by ``steps + 1``."""
-    cache_bytes: int = 0
-    """Bytes held by this rank's KV caches (causal mode)."""
-    blocks: list[torch.Tensor] = field(default_factory=list)
-    """Finished block latents (rank 0, only when ``keep_latents``)."""
-
-    def finish(self, comm: Comm, watch: Stopwatch, t0: float) -> "RunStats":
-        """Fill in the totals at the end of the loop (resolves CUDA events: one sync)."""
-        self.wall_s = time.perf_counter() - t0
-        self.compute_s, self.wait_s = watch.total("compute"), watch.total("wait")
-        self.bytes_sent, self.messages_sent = comm.bytes_sent, comm.messages_sent
-        self.send_buffer_bytes = comm.send_bytes_held
-        return self
-
-
-def first_of_iteration(tasks, i: int) -> bool:
-    """Task ``i`` of ``tasks`` starts an iteration (not the first task): where rank 0 may stop the run."""
-    return i > 0 and tasks[i].iteration != tasks[i - 1].iteration
-
-
-def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, pred_shape, patient=None) -> RunStats:
-    """The loop of every rank but the first: receive each task's packet from the previous rank,
-    ``compute(task, packet, out)`` on it into a send buffer ``out``, and pass it on (the last
-    rank sends its prediction back to rank 0). A stop message from rank 0 ends the loop; it is
-    passed on."""
-    st, watch = RunStats(), Stopwatch(Clock(comm.device))
-    inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, packet_shape(t), dtype) for t in tasks))
-    if comm.is_last:
-        dst, kind, out_shape, out_dtype = 0, KIND_PRED, pred_shape, torch.float32
-    else:
-        dst, kind, out_shape, out_dtype = comm.next, KIND_PACKET, packet_shape, dtype
-    comm.reserve(dst, kind, [out_shape(t) for t in tasks], out_dtype)
-    t0 = time.perf_counter()
-    for i, task in enumerate(tasks):
-        with trace.span("recv", "wait", task=task.index), watch.measure("wait"):
-            packet = inbox.next(patient=bool(patient and patient(task)), stop_possible=first_of_iteration(tasks, i))
-        if packet is None:  # rank 0 stopped the run at this iteration boundary
-            if not comm.is_last:
-                comm.send_stop(comm.next, task.index, packet_shape(task), dtype)
-            st.stopped = True
-            break
-        out = comm.send_buffer(dst, kind, out_shape(task), out_dtype, task.index)
-        with trace.span(name(task), "compute", task=task.index, iteration=task.iteration), watch.measure("compute"):
-            out = compute(task, packet, out)
-        with trace.span("send", "send", task=task.index):
-            comm.send(out, dst, kind, task.index)
-        st.tasks += 1
-    comm.flush()
-    comm.check()
-    return st.finish(comm, watch, t0)
-
-
-class Returns:
-    """Rank 0's end of the ring: predictions come back in task order and are applied in that order."""
-
-    def __init__(self, comm: Comm, trace: Trace, tasks, start: int, pred_shape, apply, name, stats: RunStats,
-                 watch: Stopwatch):
-        self.trace, self.tasks, self.apply, self.name, self.st, self.watch = trace, tasks, apply, name, stats, watch
-        self.applied = start - 1
-        """Index of the last task whose prediction has been applied (earlier ones: before ``start``)."""
-        self.inbox = None
-        if comm.world > 1:
-            expected = ((KIND_PRED, t.index, pred_shape(t), torch.float32) for t in tasks[start:])
-            self.inbox = comm.inbox(comm.world - 1, expected)
-
-    def drain(self, upto: int) -> None:
-        """Receive and apply every prediction up to task index ``upto``."""
-        while self.applied < upto:
-            nxt = self.tasks[self.applied + 1]
-            with self.trace.span("recv", "wait", task=nxt.index), self.watch.measure("wait"):
-                pred = self.inbox.next()
-            with self.trace.span(f"step {self.name(nxt)}", "scheduler", task=nxt.index), self.watch.measure("compute"):
-                self.apply(nxt, pred)
-            self.applied += 1
-
-
-class Geometry:
-    """What every rank derives identically in either mode: the blocks (or chunks) of the
-    video, the layer split, the latent size and the CFG batch."""
-
-    def __init__(self, cfg: Config, world: int, num_layers: int, block: int):
-        self.cfg = cfg
-        self.blocks = sch.split_blocks(cfg.video.latent_frames, block)
-        self.layers = sch.split_layers(num_layers, world)
-        self.lat_h = cfg.video.height // loader.VAE_SPATIAL
-        self.lat_w = cfg.video.width // loader.VAE_SPATIAL
-        self.batch = 2 if cfg.sampling.guidance > 1.0 else 1
-
-    def block_of(self, task) -> int:
-        return task.block
-
-    def pred_shape(self, task, channels: int) -> tuple[int, ...]:
-        return (1, channels, self.blocks[self.block_of(task)].frames, self.lat_h, self.lat_w)
-
-    def frames_of_block(self, b: int) -> int:
-        blk = self.blocks[b]
-        return sch.pixel_frames(blk.start, blk.frames)
+from .trace import Trace
 
 
 class Plan(Geometry):
@@ -255,83 +130,42 @@ class Engine:
             return checkpoint_every and task.iteration % checkpoint_every == 0 and task.newer is None
 
         return relay(self.comm, self.trace, [t for t in plan.tasks if t.iteration >= start_iteration],
-                     lambda t: plan.packet_shape(t, model), model.dtype, compute, self._name,
-                     lambda t: plan.pred_shape(t, model.out_channels), patient)
+                     self.packet_shape, self.packet_dtype(), compute, self.name, self.pred_shape, patient)
+
+    # -- the mode, as ring.run_first sees it -----------------------------------------
+
+    def packet_shape(self, task) -> tuple[int, ...]:
+        return self.plan.packet_shape(task, self.stage.model)
+
+    def pred_shape(self, task) -> tuple[int, ...]:
+        return self.plan.pred_shape(task, self.stage.model.out_channels)
+
+    def packet_dtype(self) -> torch.dtype:
+        return self.stage.model.dtype
 
     @staticmethod
-    def _name(task) -> str:
+    def name(task) -> str:
         return f"b{task.block} s{task.step}"
 
+    def before_task(self, task) -> None:
+        pass
+
+    def embed(self, state: "DenoiseState", task) -> torch.Tensor:
+        x = state.input(task, self.plan.shape(task).context)
+        return self.stage.model.embed(x, state.timesteps[task.step], self.plan.batch)
+
+    def head(self, packet: torch.Tensor, task) -> torch.Tensor:
+        return self.stage.model.head(packet, self.plan.shape(task), self.cfg.sampling.guidance)
+
     def _run_first(self, state, writer, progress, keep_latents, checkpoint, checkpoint_every, should_stop) -> RunStats:
-        cfg, comm, plan, st = self.cfg, self.comm, self.plan, RunStats()
-        watch = Stopwatch(Clock(comm.device))
-        model = self.stage.model
+        plan = self.plan
         tasks = [t for t in plan.tasks if t.iteration >= state.iteration]
         base = tasks[0].index if tasks else len(plan.tasks)
         self.stage.cache.clear()
         if progress is not None:
             progress.resume_from(base, state.blocks_done, sum(plan.frames_of_block(b) for b in range(state.blocks_done)))
-
-        def apply(task: sch.Task, pred: torch.Tensor) -> None:
-            done = state.apply(task, pred)
-            if done is not None:
-                comm.check()  # nothing derived from a mismatched message reaches the output
-                if writer is not None:
-                    writer.add_block(task.block, done)
-                if keep_latents:
-                    st.blocks.append(done)
-                if progress is not None:
-                    progress.block_done(task.block, plan.frames_of_block(task.block))
-
-        returns = Returns(comm, self.trace, plan.tasks, base, lambda t: plan.pred_shape(t, model.out_channels), apply,
-                          self._name, st, watch)
-        drain = returns.drain
-        if comm.world > 1:
-            comm.reserve(comm.next, KIND_PACKET, [plan.packet_shape(t, model) for t in tasks], model.dtype)
-
-        t0 = time.perf_counter()
-        for task in tasks:
-            boundary = task.index > base and task.iteration != plan.tasks[task.index - 1].iteration
-            stop = boundary and should_stop is not None and should_stop()
-            if boundary and (stop or (checkpoint_every and task.iteration % checkpoint_every == 0)):
-                drain(task.index - 1)  # the iteration is complete on rank 0
-                state.iteration = task.iteration
-                if stop and comm.world > 1:  # release the other ranks before the (slow) checkpoint
-                    comm.send_stop(comm.next, task.index, plan.packet_shape(task, model), model.dtype)
-                if checkpoint is not None:
-                    checkpoint(state)
-                if stop:
-                    st.stopped = True
-                    break
-            shape = plan.shape(task)
-            # Wait for the results this input depends on, and keep the ring's load bounded.
-            drain(max(task.needs, task.index - self.in_flight))
-            out = None if comm.world == 1 else comm.send_buffer(
-                comm.next, KIND_PACKET, plan.packet_shape(task, model), model.dtype, task.index)
-            with self.trace.span(self._name(task), "compute", task=task.index, iteration=task.iteration), \
-                    watch.measure("compute"):
-                x = state.input(task, shape.context)
-                st.peak_live_blocks = max(st.peak_live_blocks, state.live_blocks())
-                packet = model.embed(x, state.timesteps[task.step], plan.batch)
-                packet = self.stage.run(packet, task, shape, out=out)
-                if comm.world == 1:
-                    pred = model.head(packet, shape, cfg.sampling.guidance)
-            if comm.world == 1:
-                with self.trace.span(f"step {self._name(task)}", "scheduler", task=task.index), \
-                        watch.measure("compute"):
-                    apply(task, pred)
-                returns.applied = task.index
-            else:
-                with self.trace.span("send", "send", task=task.index):
-                    comm.send(packet, comm.next, KIND_PACKET, task.index)
-            st.tasks += 1
-            if progress is not None:
-                progress.task_done(task)
-        if not st.stopped:
-            drain(len(plan.tasks) - 1)
-            state.iteration = plan.tasks[-1].iteration + 1
-        comm.flush()
-        return st.finish(comm, watch, t0)
+        return run_first(self, self.comm, state, tasks, base, writer, progress, keep_latents, checkpoint,
+                         checkpoint_every, should_stop)
 
 
 class DenoiseState:

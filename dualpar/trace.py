@@ -1,5 +1,5 @@
 """Timeline spans per rank, written as a Chrome trace (open in Perfetto or chrome://tracing),
-and the busy/wait totals of :class:`engine.RunStats`, both on the device's own clock.
+and the busy/wait totals of :class:`ring.RunStats`, both on the device's own clock.
 
 On CUDA a span is a pair of CUDA events recorded on the current stream, so it
 measures when the GPU ran the work (and, around a stream wait on a receive,
