@@ -1,4 +1,4 @@
-"""Command line of ``launch/gen.py``: parse, validate (before anything heavy), run, summarize."""
+"""Command line of ``launch/gen.py``: parse, validate (before anything heavy), run one :class:`~dualpar.job.Job`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .config import Config, ConfigError, load_config
+from .config import RESUMABLE_CHANGES, Config, ConfigError, load_config
 
 # flag -> (config key, type); each flag overrides the config file.
 _FLAGS = {
@@ -85,11 +85,6 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
     return cfg
 
 
-# Keys that may change when a run is resumed: they do not change what is computed.
-RESUMABLE_CHANGES = ("output.out", "output.progress", "output.queue_blocks", "output.checkpoint_every",
-                     "parallel.timeout_s")
-
-
 def check_output_dir(path: str, overwrite: bool) -> None:
     """Refuse to mix two runs in one directory, or to start when it cannot be written."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -130,26 +125,6 @@ def check_device(name: str, backend: str = "auto") -> str:
     if index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
     return f"cuda:{index}"
-
-
-def clear_run(path: str) -> None:
-    """Remove a previous run's files (only those the engine writes) from ``path``."""
-    import shutil
-
-    for name in ("manifest.json", "video.mp4", "stats.json", "trace.json", "checkpoint.safetensors"):
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            os.remove(p)
-    shutil.rmtree(os.path.join(path, "latents"), ignore_errors=True)
-
-
-def write_stats(out: str, stats: dict) -> None:
-    """Timing of the run, for benchmarks: ``stats.json`` beside the manifest."""
-    import json
-
-    from .output import atomic_write
-
-    atomic_write(out, "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
 
 
 def config_for_resume(args: argparse.Namespace) -> Config:
@@ -228,236 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     return run(cfg, args)
 
 
-class Job:
-    """One rank of a run: the engine loaded once, then one video per :meth:`generate` call.
-
-    ``launch/gen.py`` (torchrun or python) and the Ray actors of
-    ``launch/ray_job.py`` both drive this class: the same engine code either way.
-    """
-
-    def __init__(self, cfg: Config, *, device: str | None = None, threads: int | None = None, trace: bool = False):
-        import torch
-
-        from .comm import Comm
-        from .engine import Engine
-        from .ring import log
-        from .trace import Trace
-
-        torch.set_num_threads(threads or 1)
-        self.cfg = cfg
-        self.comm = Comm.from_env(device=device, timeout_s=cfg.parallel.timeout_s, backend=cfg.parallel.backend)
-        self.rank = self.comm.rank
-        if self.comm.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # the VAE's 3-D convolutions: fixed shapes per block
-        self.stop_signal: list[int] = []
-        self.trace = Trace(self.rank, enabled=trace, device=self.comm.device)
-        self.causal = cfg.sampling.mode == "causal"
-        if self.causal:
-            from .causal import CausalEngine
-
-            self.engine = CausalEngine(cfg, self.comm, self.trace)
-            what = (f"{len(self.engine.plan.blocks)} chunks x {self.engine.plan.steps} steps + commit, "
-                    f"{cfg.causal.schedule}, KV policy {cfg.causal.policy}")
-        else:
-            self.engine = Engine(cfg, self.comm, self.trace)
-            what = f"{len(self.engine.plan.blocks)} blocks x {cfg.sampling.steps} steps"
-        first, last = self.engine.plan.layers[self.rank]
-        log(self.rank, f"layers [{first}, {last}) of {self.engine.plan.layers[-1][1]} on {self.comm.device}; {what}")
-        self.vae = None
-
-    def prepare(self, cfgs: list[Config]) -> None:
-        """Encode the prompts of every video the job will make with one text-encoder load (rank 0)."""
-        prompts = self.engine.prompts
-        if prompts is None:
-            return
-        from .config import prompt_schedule
-
-        texts = []
-        for c in cfgs:
-            texts += [t for _, t in prompt_schedule(c.sampling.prompt, c.video.frames)]
-            texts.append(c.sampling.negative_prompt)
-        prompts.warm(texts)
-
-    def install_signal_handlers(self) -> None:
-        """SIGINT/SIGTERM: stop at the next iteration boundary; a second one stops at once."""
-        import signal
-
-        from .ring import log
-
-        def on_signal(signum, frame):
-            if self.stop_signal:
-                raise KeyboardInterrupt
-            self.stop_signal.append(signum)
-            if self.rank == 0:
-                log(0, f"{signal.Signals(signum).name}: stopping at the next iteration boundary (checkpoint, then exit)")
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
-
-    def generate(self, cfg: Config, *, resume_run: bool = False, overwrite: bool = False) -> int:
-        """Make one video with ``cfg`` (same model and geometry as the job's; prompt and output may differ).
-
-        Returns 0, or 128 + signal number when a signal stopped the run (a
-        checkpoint was taken). Raises on failure after recording it in the manifest.
-        """
-        import signal
-
-        from . import resume
-        from .comm import PeerError
-        from .engine import DenoiseState
-        from .ring import log
-        from .models import loader
-        from .output import RunWriter
-        from .progress import Progress
-
-        changed = self.cfg.differences(cfg, ignore=("sampling.prompt", "output.out") + RESUMABLE_CHANGES)
-        if changed:
-            raise ValueError(f"a job's videos share its model and geometry; cannot change {', '.join(changed)}")
-        engine, comm, rank, out = self.engine, self.comm, self.rank, cfg.output.out
-        t_start = time.perf_counter()
-        self.trace.clear()
-        writer = progress = state = checkpoint = None
-        try:
-            engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
-            if comm.is_first:
-                if overwrite:
-                    clear_run(out)
-                if cfg.output.decode and self.vae is None:
-                    self.vae = loader.load_vae(cfg, comm.device)
-                common = dict(vae=self.vae if cfg.output.decode else None, background=True,
-                              queue_blocks=cfg.output.queue_blocks, decode=cfg.output.decode,
-                              save_latents=cfg.output.save_latents)
-                if not self.causal:
-                    state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels, comm.device)
-                if resume_run:
-                    meta, tensors = resume.load(out)
-                    state.load_checkpoint(meta["engine"], tensors)
-                    wt = {k[len("writer."):]: v for k, v in tensors.items() if k.startswith("writer.")}
-                    writer = RunWriter.resume(out, state=meta["writer"], tensors=wt, **common)
-                    log(0, f"resuming {out} at iteration {state.iteration} ({state.blocks_done} blocks already written)")
-                else:
-                    writer = RunWriter(out, config=cfg.to_dict(), seed=cfg.sampling.seed,
-                                       blocks_total=len(engine.plan.blocks), frames_total=cfg.video.frames,
-                                       fps=cfg.video.fps, gop=engine.plan.frames_of_block(len(engine.plan.blocks) - 1),
-                                       **common)
-
-                def save_checkpoint(st) -> None:
-                    # The engine's state is copied now; the file is written by the writer's thread
-                    # once the blocks queued before it are on disk, so denoising does not wait.
-                    emeta, etensors = st.to_checkpoint()
-                    etensors = {k: v.detach().to("cpu", copy=True) for k, v in etensors.items()}
-
-                    def save(wmeta, wtensors) -> None:
-                        tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
-                        resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict(),
-                                          "run_id": writer.manifest["created_at"]}, tensors)
-
-                    writer.checkpoint(save)
-
-                checkpoint = None if self.causal else save_checkpoint
-                writer.trace = self.trace
-                if cfg.output.progress:
-                    progress = Progress(engine.plan)
-            stats = engine.generate(writer=writer, progress=progress, state=state, checkpoint=checkpoint,
-                                    checkpoint_every=cfg.output.checkpoint_every,
-                                    should_stop=lambda: bool(self.stop_signal))
-            if progress is not None:
-                progress.close()
-            if stats.stopped:
-                signum = self.stop_signal[0] if self.stop_signal else signal.SIGTERM
-                name = signal.Signals(signum).name
-                if writer is not None and self.causal:
-                    writer.finish(complete=False, reason=f"stopped by {name}")
-                    log(0, f"stopped by {name}; the chunks finished so far are in {out}")
-                elif writer is not None:
-                    writer.finish(complete=False, reason=f"stopped by {name}; continue with --resume {out}")
-                    log(0, f"stopped by {name} at iteration {state.iteration}; checkpoint saved. "
-                           f"Continue with: launch/gen.py --resume {out}")
-                try:
-                    comm.flush()
-                except PeerError as e:  # a peer that already left cannot take the stop message
-                    log(rank, str(e))
-                return 128 + signum
-            if writer is not None:
-                writer.finish(complete=True)
-                resume.remove(out)  # a complete run needs no checkpoint (it can be GBs)
-        except BaseException as e:
-            if progress is not None:
-                progress.close()
-            if writer is not None:
-                reason = "interrupted" if isinstance(e, KeyboardInterrupt) else describe(e)
-                try:
-                    writer.finish(complete=False, reason=reason)
-                except Exception as we:  # the writer's own failure is already in the manifest
-                    log(rank, f"output writer: {we}")
-            raise
-        loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent), peak_rss_mb(),
-                                   peak_cuda_mb(), float(stats.cache_bytes), float(stats.messages_sent),
-                                   float(stats.send_buffer_bytes)])
-        if self.trace.enabled:
-            self._write_trace(out)
-        if rank == 0:
-            self._summary(cfg, loop, time.perf_counter() - t_start)
-        return 0
-
-    def _write_trace(self, out: str) -> None:
-        import json
-
-        from .output import atomic_write
-        from .trace import chrome_trace
-
-        per_rank = [json.loads(b) for b in self.comm.gather_bytes(self.trace.to_json())]
-        if self.rank == 0:
-            atomic_write(out, "trace.json", json.dumps(chrome_trace(per_rank)).encode())
-
-    def _summary(self, cfg: Config, loop: list[list[float]], total: float) -> None:
-        from .ring import log
-
-        out, frames = cfg.output.out, cfg.video.frames
-        per_rank = [
-            {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent),
-             "messages_sent": int(msgs), "send_buffers_mb": sbuf / 2**20, "peak_rss_mb": rss, "peak_cuda_mb": cuda,
-             "kv_cache_mb": kv / 2**20}
-            for r, (wall, comp, wait, sent, rss, cuda, kv, msgs, sbuf) in enumerate(loop)
-        ]
-        for r in per_rank:
-            log(0, f"rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
-                   f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB, peak RSS {r['peak_rss_mb']:.0f} MB")
-        write_stats(out, {"world_size": self.comm.world, "frames": frames, "total_s": total,
-                          "loop_s": max(r["loop_s"] for r in per_rank), "ranks": per_rank})
-        if cfg.sampling.mode == "causal":
-            log(0, f"KV caches: {sum(r['kv_cache_mb'] for r in per_rank):.1f} MB over all ranks "
-                   f"(policy {cfg.causal.policy})")
-        log(0, f"done: {frames} frames in {total:.1f} s ({frames / total:.1f} frames/s end to end; "
-               f"denoising loop {max(r['loop_s'] for r in per_rank):.1f} s) -> "
-               f"{os.path.join(out, 'video.mp4' if cfg.output.decode else 'latents')}")
-
-    def close(self, abort: bool = False) -> None:
-        self.comm.close(abort=abort)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident host memory so far."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def peak_cuda_mb() -> float:
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else 0.0
-
-
-def describe(e: BaseException) -> str:
-    from .comm import CommError, PeerError
-
-    return str(e) if isinstance(e, (PeerError, CommError)) else f"{type(e).__name__}: {e}"
-
-
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """The torchrun / python entry: one job, one video; failures end the process."""
     from .comm import CommError, PeerError
+    from .job import Job, describe
     from .ring import log
 
     job = None

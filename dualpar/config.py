@@ -32,6 +32,10 @@ COMPILE_MODES = ("off", "inductor", "aot_eager")
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
 VAE_SPATIAL = 8
 
+# Keys that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_CHANGES = ("output.out", "output.progress", "output.queue_blocks", "output.checkpoint_every",
+                     "parallel.timeout_s")
+
 
 class ConfigError(ValueError):
     """A configuration problem the user must fix; printed as one line, exit status 2."""

@@ -19,7 +19,7 @@ from .config import Config
 from .models import loader
 from .models.wan import MOD_ROWS, BlockShape
 from .noise import NoisePool
-from .ring import Geometry, RunStats, relay, run_first
+from .ring import Geometry, RunStats, log, relay, run_first
 from .stage import Stage
 from .trace import Trace
 

@@ -1,4 +1,4 @@
-"""Ray entry point: N actors in a placement group run the same per-rank :class:`~dualpar.cli.Job`.
+"""Ray entry point: N actors in a placement group run the same per-rank :class:`~dualpar.job.Job`.
 
     python launch/ray_job.py --world-size 2 --frames 1025 --out /shared/run
     python launch/ray_job.py --world-size 8 --address auto --prompts prompts.txt --out /shared/batch
@@ -71,7 +71,7 @@ class RankActor:
         return os.getpid()
 
     def run(self, cfg_dict: dict, addr: str, port: int, videos: list, options: dict) -> list[str]:
-        from .cli import Job
+        from .job import Job
         from .config import Config
 
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world), LOCAL_RANK="0",

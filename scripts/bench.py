@@ -38,7 +38,7 @@ def baseline_worker(frames: int, config: str | None) -> dict:
     import torch
     from diffusers import WanPipeline
 
-    from dualpar.cli import peak_rss_mb
+    from dualpar.job import peak_rss_mb
     from dualpar.config import load_config
     from dualpar.models import loader
 

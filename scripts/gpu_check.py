@@ -11,7 +11,7 @@ when ``$OUT`` is set, else ``outputs/gpu_check``. Sections:
 
 1. ``versions``: python, torch, CUDA runtime, cuDNN, GPU, diffusers, transformers,
    PyAV, and which attention backends can run here.
-2. ``tiny``: the tiny preset through ``dualpar.cli.Job`` on the device in fp32 and
+2. ``tiny``: the tiny preset through ``dualpar.job.Job`` on the device in fp32 and
    bf16, bidirectional and causal; the MP4's frame count against the manifest; fp32
    latents against a CPU run (<= 1e-4); bf16 against fp32 (information only).
 3. ``two_ranks_one_gpu``: ``torchrun`` with 2 ranks (gloo, both on the one device)
@@ -383,9 +383,9 @@ def tiny_flags(g: dict, mode: str) -> list[str]:
 
 
 def run_job(cfg, device: str, log_path: str) -> tuple[float, float]:
-    """One video with the in-process :class:`dualpar.cli.Job` (world size 1: no process group);
+    """One video with the in-process :class:`dualpar.job.Job` (world size 1: no process group);
     seconds to build the job (the model's slice) and to generate (text encoder, loop, VAE, MP4)."""
-    from dualpar.cli import Job
+    from dualpar.job import Job
 
     with logged_stderr(log_path):
         t = time.perf_counter()
