@@ -160,6 +160,14 @@ def config_for_resume(args: argparse.Namespace) -> Config:
         raise ConfigError(str(e)) from None
     if meta.get("run_id") != manifest.get("created_at"):
         raise ConfigError(f"--resume {args.resume}: {resume.FILE} belongs to another run than manifest.json")
+    from . import schedule
+
+    blocks = len(schedule.split_blocks(cfg.video.latent_frames, cfg.parallel.block))
+    last = schedule.num_iterations(blocks, cfg.sampling.steps)
+    it = (meta.get("engine") or {}).get("iteration")
+    if not isinstance(it, int) or not 0 < it < last:
+        raise ConfigError(f"--resume {args.resume}: {resume.FILE} says iteration {it!r}, not in [1, {last}) "
+                          "for this run; the file is damaged or was edited")
     diff = base.differences(Config.from_dict(meta["config"]), ignore=RESUMABLE_CHANGES)
     if diff:
         raise ConfigError(f"--resume {args.resume}: the checkpoint's config differs from the manifest's ({'; '.join(diff)})")
@@ -170,6 +178,8 @@ def validated_config(args: argparse.Namespace, world: int) -> Config:
     """The run's config from the command line (or the run being resumed), fully checked; no model is built."""
     from .models.loader import check_model, num_layers
 
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in DIR; --overwrite would delete it first. Drop --overwrite")
     cfg = config_for_resume(args) if args.resume else config_from_args(args)
     cfg.validate(world_size=world)
     check_model(cfg)
@@ -181,6 +191,8 @@ def validated_config(args: argparse.Namespace, world: int) -> Config:
     attention.check(cfg.model.attention, device.split(":")[0])
     if not cfg.output.out:
         cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
+    # One spelling of the directory from here on ("a/x/../run" is "a/run"), for every check and file.
+    cfg.output.out = os.path.normpath(cfg.output.out)
     return cfg
 
 

@@ -181,7 +181,10 @@ class Job:
                     log(rank, str(e))
                 return 128 + signum
             if writer is not None:
-                writer.finish(complete=True)
+                man = writer.finish(complete=True)
+                if man["status"] != "complete":  # never exit 0, never drop the checkpoint, for a partial run
+                    raise RuntimeError(f"the run ended with {man['blocks_written']} of {man['blocks_total']} "
+                                       f"blocks written ({man['reason']}); its checkpoint is kept")
                 resume.remove(out)  # a complete run needs no checkpoint (it can be GBs)
         except BaseException as e:
             if progress is not None:

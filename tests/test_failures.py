@@ -180,3 +180,41 @@ def test_sigterm_stops_a_causal_run_cleanly(root, tmp_path):
     assert decoded_frames(out / "video.mp4") == man["frames_written"] > 0
     assert man["blocks_written"] < man["blocks_total"] == 13
     assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_resume_refuses_overwrite_and_a_damaged_checkpoint_keeping_everything(root, tmp_path):
+    from dualpar import resume
+
+    out = tmp_path / "run"
+    p = start(root, 1, out)
+    wait_for(lambda: (out / "checkpoint.safetensors").is_file(), 300, "a checkpoint")
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    before = {f.name: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
+    # --overwrite with --resume would delete the very run being resumed: refused, nothing touched
+    res = subprocess.run(command(root, 1, ["--resume", str(out), "--overwrite"]), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "--overwrite would delete it" in res.stderr and "Traceback" not in res.stderr
+    assert {f.name: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == before
+    # a checkpoint whose iteration is impossible for the run: refused before anything runs, and kept
+    meta, tensors = resume.load(out)
+    meta["engine"]["iteration"] = 10**6
+    resume.save(out, meta, tensors)
+    res = subprocess.run(command(root, 1, ["--resume", str(out)]), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "iteration 1000000" in res.stderr and "Traceback" not in res.stderr
+    assert (out / "checkpoint.safetensors").is_file() and manifest(out)["status"] == "incomplete"
+
+
+def test_out_is_resolved_once(root, tmp_path):
+    out = tmp_path / "base" / "nowhere" / ".." / "run"  # where the files land: base/run
+    res = subprocess.run(command(root, 1, ["--out", str(out), "--no-decode"]), capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    real = tmp_path / "base" / "run"
+    assert manifest(real)["status"] == "complete" and not (real / "checkpoint.safetensors").exists()
+    again = subprocess.run(command(root, 1, ["--out", str(real), "--no-decode"]), capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    again = subprocess.run(command(root, 1, ["--out", str(out), "--no-decode"]), capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
