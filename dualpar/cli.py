@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from . import rundir
 from .config import RESUMABLE_CHANGES, Config, ConfigError, load_config
 
 # flag -> (config key, type); each flag overrides the config file.
@@ -86,11 +87,20 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory, or to start when it cannot be written."""
+    """Refuse to mix two runs in one directory, to touch anything that is not a run's, to take over
+    a live run, or to start when the directory cannot be written."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--out {path} exists and is not a directory")
-    if os.path.exists(os.path.join(path, "manifest.json")) and not overwrite:
-        raise ConfigError(f"--out {path} already holds a run (manifest.json); continue it with --resume {path}, "
+    pid = rundir.holder(path)
+    if pid is not None:
+        raise ConfigError(f"--out {path} is in use by a running run (pid {pid})")
+    others = rundir.foreign(path)
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ConfigError(f"--out {path} holds files that are not a run's ({shown}); nothing is overwritten "
+                          "there: choose an empty or new directory")
+    if os.path.exists(os.path.join(path, rundir.MANIFEST)) and not overwrite:
+        raise ConfigError(f"--out {path} already holds a run ({rundir.MANIFEST}); continue it with --resume {path}, "
                           "choose another --out, or pass --overwrite")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
@@ -133,7 +143,11 @@ def config_for_resume(args: argparse.Namespace) -> Config:
 
     from . import resume
 
-    man_path = os.path.join(args.resume, "manifest.json")
+    pid = rundir.holder(args.resume)
+    if pid is not None:
+        raise ConfigError(f"--resume {args.resume}: the run is still going (pid {pid}); stop it first (SIGTERM "
+                          "stops it at the next iteration boundary with a checkpoint)")
+    man_path = os.path.join(args.resume, rundir.MANIFEST)
     try:
         with open(man_path) as f:
             manifest = json.load(f)

@@ -7,18 +7,8 @@ from __future__ import annotations
 import os
 import time
 
+from . import rundir
 from .config import RESUMABLE_CHANGES, Config
-
-
-def clear_run(path: str) -> None:
-    """Remove a previous run's files (only those the engine writes) from ``path``."""
-    import shutil
-
-    for name in ("manifest.json", "video.mp4", "stats.json", "trace.json", "checkpoint.safetensors"):
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            os.remove(p)
-    shutil.rmtree(os.path.join(path, "latents"), ignore_errors=True)
 
 
 def write_stats(out: str, stats: dict) -> None:
@@ -27,7 +17,7 @@ def write_stats(out: str, stats: dict) -> None:
 
     from .output import atomic_write
 
-    atomic_write(out, "stats.json", (json.dumps(stats, indent=2) + "\n").encode())
+    atomic_write(out, rundir.STATS, (json.dumps(stats, indent=2) + "\n").encode())
 
 
 class Job:
@@ -102,6 +92,17 @@ class Job:
         Returns 0, or 128 + signal number when a signal stopped the run (a
         checkpoint was taken). Raises on failure after recording it in the manifest.
         """
+        # Rank 0 holds the run directory's lock while it writes there; any exit, kill -9 included,
+        # frees it, so a reader can tell a dead run ("running" in the manifest, nobody holding
+        # the lock) from a live one.
+        lock = rundir.Lock(cfg.output.out).acquire() if self.comm.is_first else None
+        try:
+            return self._generate(cfg, resume_run, overwrite)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _generate(self, cfg: Config, resume_run: bool, overwrite: bool) -> int:
         import signal
 
         from . import resume
@@ -123,7 +124,7 @@ class Job:
             engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
             if comm.is_first:
                 if overwrite:
-                    clear_run(out)
+                    rundir.clear(out)
                 if cfg.output.decode and self.vae is None:
                     self.vae = loader.load_vae(cfg, comm.device)
                 common = dict(vae=self.vae if cfg.output.decode else None, background=True,
@@ -213,7 +214,7 @@ class Job:
 
         per_rank = [json.loads(b) for b in self.comm.gather_bytes(self.trace.to_json())]
         if self.rank == 0:
-            atomic_write(out, "trace.json", json.dumps(chrome_trace(per_rank)).encode())
+            atomic_write(out, rundir.TRACE, json.dumps(chrome_trace(per_rank)).encode())
 
     def _summary(self, cfg: Config, loop: list[list[float]], total: float) -> None:
         from .ring import log

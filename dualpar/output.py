@@ -35,6 +35,7 @@ import torch
 from av.codec.context import Flags
 from safetensors.torch import save as save_safetensors
 
+from . import rundir
 from .schedule import pixel_frames
 
 __all__ = [
@@ -585,8 +586,8 @@ class RunWriter:
     at that point and the engine adds the following blocks again.
     """
 
-    MANIFEST = "manifest.json"
-    VIDEO = "video.mp4"
+    MANIFEST = rundir.MANIFEST
+    VIDEO = rundir.VIDEO
 
     def __init__(
         self,
@@ -706,7 +707,7 @@ class RunWriter:
         # Only now (the manifest no longer lists them) remove what the dropped blocks left.
         if decode and mp4_state is None:
             video.unlink(missing_ok=True)  # a fresh video starts with the first block
-        latents_dir = out_dir / "latents"
+        latents_dir = out_dir / rundir.LATENTS
         for path in latents_dir.glob("block_*.safetensors"):
             if int(path.name[len("block_") : -len(".safetensors")]) >= n:
                 path.unlink()
@@ -903,7 +904,7 @@ class RunWriter:
             "latents": None,
         }
         if self.save_latents:
-            rel = f"latents/block_{block_id:05d}.safetensors"
+            rel = rundir.block_file(block_id)
             data = save_safetensors(
                 {"latents": latents.detach().to("cpu").contiguous()},
                 metadata={"block_id": str(block_id), "latent_start": str(latent_start)},

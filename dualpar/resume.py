@@ -17,9 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
+from . import rundir
 from .output import atomic_write
 
-FILE = "checkpoint.safetensors"
+FILE = rundir.CHECKPOINT
 FORMAT = 1
 
 

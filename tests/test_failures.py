@@ -115,6 +115,9 @@ def test_kill_then_resume_equals_uninterrupted(root, tmp_path, uninterrupted):
         os.kill(pid, signal.SIGKILL)
     p.communicate(timeout=30)
     assert manifest(out)["status"] == "running"  # killed mid-run
+    from dualpar import rundir
+
+    assert rundir.holder(str(out)) is None  # ... and nobody holds its lock: a dead run, not a live one
     # Resume on a different number of ranks: the checkpoint is rank-count independent.
     res = subprocess.run(command(root, 3, ["--resume", str(out)]), capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))

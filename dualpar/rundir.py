@@ -1,0 +1,111 @@
+"""A run directory: the names of everything a run writes, declared once; what is ours in a
+directory, removing only that; and the lock that tells a live run from a dead one.
+
+Light on purpose (no torch): validation uses it before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+
+MANIFEST = "manifest.json"
+VIDEO = "video.mp4"
+STATS = "stats.json"
+TRACE = "trace.json"
+CHECKPOINT = "checkpoint.safetensors"
+LOCK = "run.lock"
+LATENTS = "latents"
+FILES = (MANIFEST, VIDEO, STATS, TRACE, CHECKPOINT, LOCK)
+"""Every plain file a run writes at the top of its directory."""
+_BLOCK = re.compile(r"block_\d{5}\.safetensors")
+_TEMP = re.compile(r"\..+\.[^.]+\.tmp")  # an atomic write's temporary file (.NAME.XXXX.tmp), left by a crash
+
+
+def block_file(block_id: int) -> str:
+    """A block's latents, relative to the run directory."""
+    return f"{LATENTS}/block_{block_id:05d}.safetensors"
+
+
+def foreign(path: str) -> list[str]:
+    """Entries of ``path`` that no run of ours writes (relative names; empty for a new directory)."""
+    if not os.path.isdir(path):
+        return []
+    out = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name == LATENTS and os.path.isdir(full) and not os.path.islink(full):
+            out += [f"{LATENTS}/{n}" for n in sorted(os.listdir(full)) if not (_BLOCK.fullmatch(n) or _TEMP.fullmatch(n))]
+        elif not ((name in FILES or _TEMP.fullmatch(name)) and os.path.isfile(full) and not os.path.islink(full)):
+            out.append(name)
+    return out
+
+
+def clear(path: str) -> None:
+    """Remove what an earlier run wrote in ``path``, and nothing else (see :func:`foreign`)."""
+    if not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if name in FILES and name != LOCK or _TEMP.fullmatch(name):
+            if os.path.isfile(full) and not os.path.islink(full):
+                os.remove(full)
+    lat = os.path.join(path, LATENTS)
+    if os.path.isdir(lat) and not os.path.islink(lat):
+        for name in os.listdir(lat):
+            if _BLOCK.fullmatch(name) or _TEMP.fullmatch(name):
+                os.remove(os.path.join(lat, name))
+        if not os.listdir(lat):
+            os.rmdir(lat)
+
+
+class RunInUse(RuntimeError):
+    """Another live process holds the run directory."""
+
+
+class Lock:
+    """An exclusive ``flock`` on ``DIR/run.lock``, held by rank 0 for as long as it writes the run.
+
+    The kernel drops it when the process ends, however it ends (kill -9 included): a manifest
+    that says "running" while nobody holds the lock belongs to a dead run.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.join(path, LOCK)
+        self._fd: int | None = None
+
+    def acquire(self) -> "Lock":
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunInUse(f"{os.path.dirname(self.path)} is in use by a running run (pid {pid})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def holder(path: str) -> str | None:
+    """The pid holding ``path``'s run lock, or None when no live process does (a dead or finished run)."""
+    lock = os.path.join(path, LOCK)
+    if not os.path.isfile(lock):
+        return None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    finally:
+        os.close(fd)
+    return None
