@@ -74,6 +74,15 @@ def latents(out):
     return [load_file(out / b["latents"])["latents"] for b in man["blocks"]]
 
 
+def stopped_after_a_checkpoint(root, out):
+    """A 1-rank run stopped by SIGTERM once it has written a checkpoint (resumable, incomplete)."""
+    p = start(root, 1, out)
+    wait_for(lambda: (out / "checkpoint.safetensors").is_file(), 300, "a checkpoint")
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    return out
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(root, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
@@ -158,11 +167,7 @@ def test_sigterm_finalizes_and_resumes(root, tmp_path, uninterrupted, n):
 def test_stale_checkpoint_of_another_run_is_refused(root, tmp_path):
     # A checkpoint left in the directory by an earlier run must never be continued
     # under a new run's manifest: refused in one line, before anything is loaded.
-    out = tmp_path / "run"
-    p = start(root, 1, out)
-    wait_for(lambda: (out / "checkpoint.safetensors").is_file(), 300, "a checkpoint")
-    p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=120)
+    out = stopped_after_a_checkpoint(root, tmp_path / "run")
     man = manifest(out)
     man["created_at"] = "another run"
     (out / "manifest.json").write_text(json.dumps(man))
@@ -188,11 +193,7 @@ def test_sigterm_stops_a_causal_run_cleanly(root, tmp_path):
 def test_resume_refuses_overwrite_and_a_damaged_checkpoint_keeping_everything(root, tmp_path):
     from dualpar import resume
 
-    out = tmp_path / "run"
-    p = start(root, 1, out)
-    wait_for(lambda: (out / "checkpoint.safetensors").is_file(), 300, "a checkpoint")
-    p.send_signal(signal.SIGTERM)
-    p.communicate(timeout=120)
+    out = stopped_after_a_checkpoint(root, tmp_path / "run")
     before = {f.name: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
     # --overwrite with --resume would delete the very run being resumed: refused, nothing touched
     res = subprocess.run(command(root, 1, ["--resume", str(out), "--overwrite"]), capture_output=True, text=True,
