@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 from . import rundir
@@ -107,8 +108,17 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ConfigError(f"--out {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {path} is not writable")
+    # Try it: os.access says yes to root even where nothing can be written (e.g. /proc).
+    created = not os.path.exists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".dualpar-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        if created and os.path.isdir(path):
+            os.rmdir(path)
+        raise ConfigError(f"--out {path} is not writable ({e.strerror or e})") from None
 
 
 def check_device(name: str, backend: str = "auto") -> str:
@@ -216,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = validated_config(args, world)
-        if args.threads is not None and args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        if args.threads is not None and not 1 <= args.threads <= 1024:
+            raise ConfigError(f"--threads must be in [1, 1024], got {args.threads}")
         if args.device is not None:
             args.device = check_device(args.device, cfg.parallel.backend)
         if rank == 0 and not args.resume:

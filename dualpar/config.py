@@ -37,6 +37,13 @@ RESUMABLE_CHANGES = ("output.out", "output.progress", "output.queue_blocks", "ou
                      "parallel.timeout_s")
 
 
+MAX_FRAMES = 4 * 65536 + 1
+"""Longest video (65537 latent frames, about 4.5 hours at 16 fps): the task list and manifest grow with it."""
+MAX_PIXELS = 4096
+"""Largest frame side (Wan2.1 is trained up to 1280)."""
+MAX_FPS = 240
+
+
 class ConfigError(ValueError):
     """A configuration problem the user must fix; printed as one line, exit status 2."""
 
@@ -247,6 +254,9 @@ class Config:
             raise ConfigError(
                 f"--frames {v.frames} is not of the form 4k+1 (Wan's VAE); try {max(lo, 1)} or {lo + VAE_TEMPORAL}"
             )
+        if v.frames > MAX_FRAMES:
+            raise ConfigError(f"--frames {v.frames} is past the longest supported video ({MAX_FRAMES} frames, "
+                              f"about {(MAX_FRAMES - 1) / 16 / 3600:.1f} hours at 16 fps)")
         if p.block < 1:
             raise ConfigError(f"parallel.block must be >= 1, got {p.block}")
         if v.latent_frames < p.block:
@@ -260,8 +270,10 @@ class Config:
         for name, val in (("height", v.height), ("width", v.width)):
             if val < 16 or val % 16:
                 raise ConfigError(f"video.{name} {val} must be a positive multiple of 16 (VAE x8, patch x2)")
-        if v.fps < 1:
-            raise ConfigError(f"video.fps must be >= 1, got {v.fps}")
+            if val > MAX_PIXELS:
+                raise ConfigError(f"video.{name} {val} is past {MAX_PIXELS} pixels")
+        if not 1 <= v.fps <= MAX_FPS:
+            raise ConfigError(f"video.fps must be in [1, {MAX_FPS}], got {v.fps}")
         if not 1 <= s.steps <= 1000:
             raise ConfigError(f"sampling.steps must be in [1, 1000], got {s.steps}")
         if s.scheduler not in SCHEDULERS:

@@ -36,7 +36,11 @@ CASES = [
     (["--scheduler", "ddim"], "sampling.scheduler"),
     (["--dtype", "fp8"], "model.dtype"),
     (["--fps", "0"], "video.fps"),
+    (["--fps", "5000000"], "video.fps must be in [1, 240]"),
+    (["--frames", "4000000001"], "past the longest supported video"),
+    (["--height", "160000"], "video.height 160000 is past 4096 pixels"),
     (["--threads", "0"], "--threads"),
+    (["--threads", str(2**40)], "--threads must be in [1, 1024]"),
     (["--device", "cuda:0"], "CUDA is not available"),
     (["--device", "banana"], "not a torch device"),
     (["--set", "video.frame=5"], "unknown key 'video.frame'"),
@@ -137,3 +141,10 @@ def test_through_the_launcher_no_traceback(root, tmp_path):
     assert res.stderr.strip().splitlines() == [
         "error: --frames 1000 is not of the form 4k+1 (Wan's VAE); try 997 or 1001"]
     assert not (tmp_path / "o").exists()
+
+
+def test_an_output_directory_nothing_can_be_written_to(capsys):
+    # os.access says yes to root on /proc; only trying to write tells
+    code, err = run_main(capsys, BASE + ["--out", "/proc/dualpar-run"])
+    assert code == 2 and "--out /proc/dualpar-run is not writable" in err and len(err.strip().splitlines()) == 1
+    assert not os.path.exists("/proc/dualpar-run")
