@@ -251,9 +251,9 @@ class Config:
         v, s, p, m = self.video, self.sampling, self.parallel, self.model
         if v.frames < 1 or (v.frames - 1) % VAE_TEMPORAL:
             lo = (v.frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
-            raise ConfigError(
-                f"--frames {v.frames} is not of the form 4k+1 (Wan's VAE); try {max(lo, 1)} or {lo + VAE_TEMPORAL}"
-            )
+            near = sorted({max(lo, 1), max(lo + VAE_TEMPORAL, 1 + VAE_TEMPORAL)})
+            raise ConfigError(f"--frames {v.frames} is not of the form 4k+1 (Wan's VAE); try "
+                              + " or ".join(map(str, near)))
         if v.frames > MAX_FRAMES:
             raise ConfigError(f"--frames {v.frames} is past the longest supported video ({MAX_FRAMES} frames, "
                               f"about {(MAX_FRAMES - 1) / 16 / 3600:.1f} hours at 16 fps)")

@@ -227,7 +227,7 @@ class Job:
             for r, (wall, comp, wait, sent, rss, cuda, kv, msgs, sbuf) in enumerate(loop)
         ]
         for r in per_rank:
-            log(0, f"rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
+            log(0, f"stats of rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
                    f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB, peak RSS {r['peak_rss_mb']:.0f} MB")
         write_stats(out, {"world_size": self.comm.world, "frames": frames, "total_s": total,
                           "loop_s": max(r["loop_s"] for r in per_rank), "ranks": per_rank})
