@@ -63,7 +63,11 @@ def _padded(nbytes: int) -> int:
 
 def message_bytes(shape, dtype: torch.dtype) -> int:
     """Bytes on the wire for one message of ``shape``/``dtype`` (payload, padding, tag)."""
-    return _padded(math.prod(shape) * torch.empty((), dtype=dtype).element_size()) + TAG_BYTES
+    return _padded(payload_bytes(shape, dtype)) + TAG_BYTES
+
+
+def payload_bytes(shape, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 def _gloo_on_loopback_when_local() -> None:
@@ -134,8 +138,6 @@ class Comm:
         self._links: dict[tuple[int, int], _Link] = {}
         self.bytes_sent = 0
         self.messages_sent = 0
-        self.send_bytes_held = 0
-        """Bytes of this rank's send buffers (bounded by ``SEND_SLOTS`` per link)."""
         self._device_checks: list = []  # the inboxes whose tags are compared on the device
         # Host reads of a few bytes (tags, flags) go through a stream of their own, so they wait
         # for the transfer they read, not for all the compute queued on the current stream.
@@ -173,6 +175,11 @@ class Comm:
         if warm_up:
             comm.warm_up()
         return comm
+
+    @property
+    def send_bytes_held(self) -> int:
+        """Bytes of this rank's send buffers (bounded by ``SEND_SLOTS`` per link)."""
+        return sum(link.nbytes() for key, link in self._links.items() if key[0] == "send")
 
     @property
     def prev(self) -> int:
@@ -256,10 +263,7 @@ class Comm:
         """Allocate the send buffers towards ``dst`` once, for the largest of ``shapes``."""
         nbytes = max((message_bytes(s, dtype) for s in shapes), default=0)
         if nbytes:
-            before = self._links.get(("send", dst, kind))
-            link = self._link(("send", dst, kind), SEND_SLOTS, nbytes)
-            if link is not before:
-                self.send_bytes_held = sum(v.nbytes() for k, v in self._links.items() if k[0] == "send")
+            self._link(("send", dst, kind), SEND_SLOTS, nbytes)
 
     def send_buffer(self, dst: int, kind: int, shape, dtype: torch.dtype, task: int = -1) -> torch.Tensor:
         """A payload view of the next free send buffer towards ``dst`` (waits for its previous send).
@@ -270,7 +274,7 @@ class Comm:
         if self.staged:  # the producer writes on the GPU; send() copies it into pinned memory
             return torch.empty(shape, dtype=dtype, device=self.device)
         link = self._acquire(dst, kind, message_bytes(shape, dtype))
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = payload_bytes(shape, dtype)
         return link.bufs[link.next][:n].view(dtype).view(shape)
 
     def _acquire(self, dst: int, kind: int, nbytes: int) -> _Link:
@@ -280,7 +284,6 @@ class Comm:
         if link.works[i] is not None:
             self.wait(link.works[i][0], dst, "send", ref=link.works[i][1])
             link.works[i] = None
-        self.send_bytes_held = sum(v.nbytes() for k, v in self._links.items() if k[0] == "send")
         return link
 
     def send(self, t: torch.Tensor, dst: int, kind: int, task: int) -> None:
@@ -296,7 +299,7 @@ class Comm:
     def send_stop(self, dst: int, task: int, shape, dtype: torch.dtype, kind: int = KIND_PACKET) -> None:
         """Tell ``dst`` the run stops before ``task`` (a message sized like the one it expects)."""
         self._acquire(dst, kind, message_bytes(shape, dtype))
-        self._send_tagged(math.prod(shape) * torch.empty((), dtype=dtype).element_size(), dst, kind, task, KIND_STOP)
+        self._send_tagged(payload_bytes(shape, dtype), dst, kind, task, KIND_STOP)
 
     def _send_tagged(self, n: int, dst: int, kind: int, task: int, tag_kind: int) -> None:
         link = self._links[("send", dst, kind)]
@@ -524,7 +527,7 @@ class Inbox:
         if not self._posted:
             raise CommError(f"rank {comm.rank}: no further message expected from rank {self.src}")
         work, buf, (kind, task, shape, dtype), oid = self._posted.popleft()
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n = payload_bytes(shape, dtype)
         tag = buf[_padded(n):].view(torch.int64)
         host = not comm.defer_checks or stop_possible
         if host:

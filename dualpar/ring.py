@@ -194,8 +194,8 @@ def run_first(mode: Mode, comm: Comm, state, tasks, base: int, writer=None, prog
     if comm.world > 1:
         comm.reserve(comm.next, KIND_PACKET, [mode.packet_shape(t) for t in tasks], mode.packet_dtype())
     t0 = time.perf_counter()
-    for task in tasks:
-        boundary = task.index > base and task.iteration != plan.tasks[task.index - 1].iteration
+    for i, task in enumerate(tasks):
+        boundary = first_of_iteration(tasks, i)  # the tasks are consecutive from ``base``
         stop = boundary and should_stop is not None and should_stop()
         if boundary and (stop or (checkpoint_every and task.iteration % checkpoint_every == 0)):
             drain(task.index - 1)  # the iteration is complete on rank 0
