@@ -35,7 +35,7 @@ def worker(model: str, rank: int, world: int, dtype: str) -> None:
     import torch
 
     from dualpar.config import Config
-    from dualpar.models import checkpoint, loader
+    from dualpar.models import loader, weights
     from dualpar.schedule import split_layers
 
     torch.set_num_threads(1)
@@ -48,7 +48,7 @@ def worker(model: str, rank: int, world: int, dtype: str) -> None:
     owned = sum(p.numel() * p.element_size() for p in part.parameters())
     print(json.dumps({"rank": rank, "layers": [first, last], "rss_before_mb": before / 1024,
                       "peak_mb": peak / 1024, "growth_mb": (peak - before) / 1024, "owned_mb": owned / 2**20}))
-    del checkpoint
+    del weights
 
 
 def transformer_mb(model: str) -> float:

@@ -547,7 +547,7 @@ def random_transformer(config: dict, dev: torch.device, dtype: torch.dtype, seed
     from diffusers import WanTransformer3DModel
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from dualpar.models.checkpoint import keep_fp32_names
+    from dualpar.models.weights import keep_fp32_names
 
     with torch.device("meta"):
         model = WanTransformer3DModel(**config)

@@ -98,7 +98,7 @@ def test_original_wan_naming_file_through_the_launcher(root, tmp_path, tiny_dir)
     # must give exactly the same video latents.
     import torch
     from safetensors.torch import save_file
-    from test_checkpoint import to_original_names
+    from test_weights import to_original_names
 
     from dualpar.models.tiny import tiny_transformer
 

@@ -91,7 +91,7 @@ def test_memory_measurement_sees_allocations():
 def _wan_slice(dim, heads, ffn, layers, dtype):
     """A seeded WanSlice of all ``layers`` layers, cast as dualpar.models.loader casts the tiny preset
     (weights to ``dtype``, norms, modulation tables and RoPE kept in float32)."""
-    from dualpar.models.checkpoint import keep_fp32_names
+    from dualpar.models.weights import keep_fp32_names
     from dualpar.models.tiny import TINY_TRANSFORMER, tiny_transformer
     from dualpar.models.wan import WanSlice
 

@@ -26,14 +26,14 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def check_model(cfg: Config) -> None:
     """Validate ``model.path`` / ``model.transformer_file`` without reading weights (ConfigError)."""
-    from .checkpoint import CheckpointError, check_model_dir
+    from .weights import WeightsError, check_model_dir
 
     m = cfg.model
     if not m.path:
         return
     try:
         check_model_dir(m.path)
-    except CheckpointError as e:
+    except WeightsError as e:
         raise ConfigError(f"--model: {e}") from None
     if m.transformer_file:
         p = Path(m.transformer_file)
@@ -45,7 +45,7 @@ def check_model(cfg: Config) -> None:
 
 def num_layers(cfg: Config) -> int:
     if cfg.model.path:
-        from .checkpoint import read_transformer_config
+        from .weights import read_transformer_config
 
         return int(read_transformer_config(cfg.model.path)["num_layers"])
     from .tiny import TINY_TRANSFORMER
@@ -67,18 +67,18 @@ def load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanS
 def _load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanSlice:
     dtype = torch_dtype(cfg.model.dtype)
     if cfg.model.path:
-        from . import checkpoint
+        from . import weights
 
         if cfg.model.transformer_file:
-            config = checkpoint.read_transformer_config(cfg.model.path)
-            part, _ = checkpoint.load_original_wan_slice(
+            config = weights.read_transformer_config(cfg.model.path)
+            part, _ = weights.load_original_wan_slice(
                 config, cfg.model.transformer_file, first, last, dtype=dtype, device=device
             )
         else:
-            part, _ = checkpoint.load_transformer_slice(cfg.model.path, first, last, dtype=dtype, device=device)
+            part, _ = weights.load_transformer_slice(cfg.model.path, first, last, dtype=dtype, device=device)
         return part.eval().requires_grad_(False)
 
-    from .checkpoint import keep_fp32_names
+    from .weights import keep_fp32_names
     from .tiny import tiny_transformer
 
     full = tiny_transformer(cfg.model.weights_seed)

@@ -1,10 +1,10 @@
-"""Real checkpoints: validate a diffusers-format Wan2.1 T2V folder and load one rank's share of it.
+"""Model weights: validate a diffusers-format Wan2.1 T2V folder and load one rank's share of it.
 
 A rank that owns transformer layers ``[first, last)`` never holds the whole
 transformer in memory: the model skeleton is built on the ``meta`` device,
 :class:`~dualpar.models.wan.WanSlice` drops the layers the rank does not own,
 and only the owned tensors are read from the (memory-mapped) safetensors
-files, one tensor at a time. For a sharded checkpoint the index tells which
+files, one tensor at a time. For sharded weights the index tells which
 shards hold those tensors; no other shard is opened.
 
 Checkpoints in the original Wan naming (Wan2.1 itself and its causal
@@ -28,7 +28,7 @@ from safetensors import safe_open
 from .wan import WanSlice
 
 __all__ = [
-    "CheckpointError",
+    "WeightsError",
     "check_model_dir",
     "convert_original_wan_config",
     "convert_original_wan_state_dict",
@@ -68,8 +68,8 @@ _HEAD_MODULES = frozenset({"norm_out", "proj_out", "scale_shift_table"})
 _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing something or is malformed; the message is one line for the user."""
+class WeightsError(ValueError):
+    """Model weights (folder, file or state dict) are missing something or malformed; the message is one line."""
 
 
 # -- reading and validating a diffusers folder --------------------------------------------
@@ -77,15 +77,15 @@ class CheckpointError(ValueError):
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise CheckpointError(f"missing file: {path}")
+        raise WeightsError(f"missing file: {path}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"malformed JSON in {path}: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        raise WeightsError(f"malformed JSON in {path}: {e.msg} (line {e.lineno}, column {e.colno})") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+        raise WeightsError(f"cannot read {path}: {e}") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"malformed JSON in {path}: expected an object, got {type(data).__name__}")
+        raise WeightsError(f"malformed JSON in {path}: expected an object, got {type(data).__name__}")
     return data
 
 
@@ -93,9 +93,9 @@ def _read_index(path: Path) -> dict[str, str]:
     """The ``weight_map`` (tensor name -> shard file name) of a sharded-weights index file."""
     weight_map = _read_json(path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"malformed index {path}: no 'weight_map' object")
+        raise WeightsError(f"malformed index {path}: no 'weight_map' object")
     if not all(isinstance(v, str) for v in weight_map.values()):
-        raise CheckpointError(f"malformed index {path}: 'weight_map' values must be file names")
+        raise WeightsError(f"malformed index {path}: 'weight_map' values must be file names")
     return weight_map
 
 
@@ -108,21 +108,21 @@ def _check_weights(folder: Path, candidates: tuple[str, ...]) -> None:
         if index.is_file():
             for shard in sorted(set(_read_index(index).values())):
                 if not (folder / shard).is_file():
-                    raise CheckpointError(f"missing shard {folder / shard} (listed in {index})")
+                    raise WeightsError(f"missing shard {folder / shard} (listed in {index})")
             return
     wanted = " or ".join(f"{n}[.index.json]" for n in candidates)
-    raise CheckpointError(f"missing weights in {folder}: expected {wanted}")
+    raise WeightsError(f"missing weights in {folder}: expected {wanted}")
 
 
 def _check_transformer_config(cfg: dict, path: Path) -> None:
     cls = cfg.get("_class_name", "WanTransformer3DModel")
     if cls != "WanTransformer3DModel":
-        raise CheckpointError(f"{path}: _class_name is {cls!r}, expected 'WanTransformer3DModel'")
+        raise WeightsError(f"{path}: _class_name is {cls!r}, expected 'WanTransformer3DModel'")
     layers = cfg.get("num_layers")
     if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-        raise CheckpointError(f"{path}: 'num_layers' must be a positive integer, got {layers!r}")
+        raise WeightsError(f"{path}: 'num_layers' must be a positive integer, got {layers!r}")
     if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
-        raise CheckpointError(f"{path}: image-conditioned Wan models are not supported (text-to-video only)")
+        raise WeightsError(f"{path}: image-conditioned Wan models are not supported (text-to-video only)")
 
 
 def check_model_dir(path: str | Path) -> dict:
@@ -132,19 +132,19 @@ def check_model_dir(path: str | Path) -> dict:
     ``tokenizer`` and ``scheduler`` subfolders with their config files; a
     tokenizer vocabulary; and that the weight files (or every shard an index
     lists) exist. Returns the transformer's config dict. Raises
-    :class:`CheckpointError` naming the first missing or malformed path.
+    :class:`WeightsError` naming the first missing or malformed path.
     """
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"model folder not found: {root}")
+        raise WeightsError(f"model folder not found: {root}")
     _read_json(root / "model_index.json")
     for sub in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (root / sub).is_dir():
-            raise CheckpointError(f"missing folder: {root / sub}")
+            raise WeightsError(f"missing folder: {root / sub}")
     configs = {sub: _read_json(root / sub / name) for sub, name in _CONFIG_FILE.items()}
     tok = root / "tokenizer"
     if not any((tok / name).is_file() for name in _TOKENIZER_VOCAB):
-        raise CheckpointError(f"missing tokenizer vocabulary in {tok}: expected {' or '.join(_TOKENIZER_VOCAB)}")
+        raise WeightsError(f"missing tokenizer vocabulary in {tok}: expected {' or '.join(_TOKENIZER_VOCAB)}")
     if (tok / "tokenizer_config.json").exists():
         _read_json(tok / "tokenizer_config.json")
     _check_transformer_config(configs["transformer"], root / "transformer" / "config.json")
@@ -161,8 +161,8 @@ def _transformer_dir(path: str | Path) -> Path:
     if (root / "config.json").is_file():
         return root
     if not root.exists():
-        raise CheckpointError(f"model folder not found: {root}")
-    raise CheckpointError(f"missing file: {root / 'transformer' / 'config.json'}")
+        raise WeightsError(f"model folder not found: {root}")
+    raise WeightsError(f"missing file: {root / 'transformer' / 'config.json'}")
 
 
 def read_transformer_config(path: str | Path) -> dict:
@@ -203,7 +203,7 @@ def transformer_keys_for(config: Mapping[str, Any], first: int, last: int) -> Ca
     return owns
 
 
-def _checkpoint_name(slice_name: str, first: int) -> str:
+def _model_name(slice_name: str, first: int) -> str:
     """Map a :class:`WanSlice` parameter name to the model's (``layers.j`` is ``blocks.first+j``)."""
     if slice_name.startswith("layers."):
         j, rest = slice_name[len("layers.") :].split(".", 1)
@@ -268,20 +268,20 @@ def _assemble(
     part = _empty_slice(config, first, last)
     device = torch.device(device)
     shapes = {}
-    names = {}  # checkpoint name -> slice name, in module order
+    names = {}  # model name -> slice name, in module order
     for slice_name, p in part.state_dict(keep_vars=True).items():
-        ckpt = _checkpoint_name(slice_name, first)
+        ckpt = _model_name(slice_name, first)
         names[ckpt] = slice_name
         shapes[ckpt] = p.shape
     for ckpt in names:
         if not available(ckpt):
-            raise CheckpointError(f"{origin}: missing tensor {ckpt!r}")
+            raise WeightsError(f"{origin}: missing tensor {ckpt!r}")
 
     keep_fp32 = keep_fp32_names() if dtype.is_floating_point else ()
     state: dict[str, torch.Tensor] = {}
     for ckpt, t in read(list(names)):
         if t.shape != shapes[ckpt]:
-            raise CheckpointError(
+            raise WeightsError(
                 f"{origin}: tensor {ckpt!r} has shape {tuple(t.shape)}, the model expects {tuple(shapes[ckpt])}"
             )
         target = _target_dtype(ckpt, dtype, keep_fp32) if t.is_floating_point() else t.dtype
@@ -325,7 +325,7 @@ def load_transformer_slice(
         weight_map = _read_index(tdir / WEIGHTS_INDEX_NAME)
         origin = str(tdir / WEIGHTS_INDEX_NAME)
     else:
-        raise CheckpointError(f"missing weights in {tdir}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
+        raise WeightsError(f"missing weights in {tdir}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}")
 
     def read(names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         by_file: dict[str, list[str]] = {}
@@ -334,12 +334,12 @@ def load_transformer_slice(
         for fname, group in by_file.items():
             file = tdir / fname
             if not file.is_file():
-                raise CheckpointError(f"missing shard {file} (listed in {origin})")
+                raise WeightsError(f"missing shard {file} (listed in {origin})")
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 present = set(f.keys())
                 for name in group:
                     if name not in present:
-                        raise CheckpointError(f"{file}: missing tensor {name!r} (the index says it is here)")
+                        raise WeightsError(f"{file}: missing tensor {name!r} (the index says it is here)")
                     yield name, f.get_tensor(name)
 
     return _assemble(
@@ -474,7 +474,7 @@ def original_wan_key_map(keys: Iterable[str], *, prefer_ema: bool = False, stric
     ``generator.model.blocks.0...``. When a ``generator`` and a
     ``generator_ema`` are both present, ``prefer_ema`` picks the EMA one;
     if only one is, it is used. Keys outside the chosen wrapper are ignored.
-    With ``strict``, an unrecognised key raises :class:`CheckpointError`;
+    With ``strict``, an unrecognised key raises :class:`WeightsError`;
     otherwise it is dropped.
     """
     keys = list(keys)
@@ -500,13 +500,13 @@ def original_wan_key_map(keys: Iterable[str], *, prefer_ema: bool = False, stric
         new = original_to_diffusers_key(name)
         if new is None:
             if strict:
-                raise CheckpointError(f"unrecognised tensor {k!r} in an original-Wan (text-to-video) checkpoint")
+                raise WeightsError(f"unrecognised tensor {k!r} in an original-Wan (text-to-video) checkpoint")
             continue
         if new in out:
-            raise CheckpointError(f"tensors {out[new]!r} and {k!r} both map to {new!r}")
+            raise WeightsError(f"tensors {out[new]!r} and {k!r} both map to {new!r}")
         out[new] = k
     if not out:
-        raise CheckpointError("no Wan transformer tensors found in the checkpoint")
+        raise WeightsError("no Wan transformer tensors found in the checkpoint")
     return out
 
 
@@ -545,13 +545,13 @@ def load_original_wan_file(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"missing file: {p}")
+        raise WeightsError(f"missing file: {p}")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(p), device="cpu")
     if p.suffix not in (".pt", ".pth"):
-        raise CheckpointError(f"unsupported checkpoint file type {p.suffix!r}: {p} (use .safetensors, .pt or .pth)")
+        raise WeightsError(f"unsupported checkpoint file type {p.suffix!r}: {p} (use .safetensors, .pt or .pth)")
     try:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -561,15 +561,15 @@ def load_original_wan_file(path: str | Path) -> dict[str, Any]:
             # legacy (non-zip) serialization cannot be memory-mapped
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(
+        raise WeightsError(
             f"cannot load {p}: it holds objects other than tensors and plain containers "
             "(only weights_only loading is allowed)"
         ) from None
     except Exception as e:
         lines = str(e).strip().splitlines()
-        raise CheckpointError(f"cannot load {p}: {lines[0] if lines else type(e).__name__}") from None
+        raise WeightsError(f"cannot load {p}: {lines[0] if lines else type(e).__name__}") from None
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{p}: expected a state dict, got {type(obj).__name__}")
+        raise WeightsError(f"{p}: expected a state dict, got {type(obj).__name__}")
     return dict(obj)
 
 
@@ -598,7 +598,7 @@ def load_original_wan_slice(
         sd = convert_original_wan_state_dict(load_original_wan_file(p), prefer_ema=prefer_ema)
         return load_transformer_slice_from_state_dict(cfg, sd, first, last, dtype=dtype, device=device)
     if not p.is_file():
-        raise CheckpointError(f"missing file: {p}")
+        raise WeightsError(f"missing file: {p}")
     with safe_open(str(p), framework="pt", device="cpu") as f:
         key_map = original_wan_key_map(f.keys(), prefer_ema=prefer_ema)
 
@@ -626,7 +626,7 @@ def convert_original_wan_config(cfg: Mapping[str, Any]) -> dict:
     """A diffusers ``WanTransformer3DModel`` config from an original Wan ``config.json``
     (``dim``, ``ffn_dim``, ``num_heads``, ``num_layers``, ...; text-to-video only)."""
     if cfg.get("model_type", "t2v") != "t2v":
-        raise CheckpointError(f"only text-to-video Wan models are supported, got model_type {cfg['model_type']!r}")
+        raise WeightsError(f"only text-to-video Wan models are supported, got model_type {cfg['model_type']!r}")
     try:
         dim, heads = int(cfg["dim"]), int(cfg["num_heads"])
         out = {
@@ -647,7 +647,7 @@ def convert_original_wan_config(cfg: Mapping[str, Any]) -> dict:
             "rope_max_seq_len": 1024,
         }
     except KeyError as e:
-        raise CheckpointError(f"original Wan config lacks {e.args[0]!r}") from None
+        raise WeightsError(f"original Wan config lacks {e.args[0]!r}") from None
     if dim % heads:
-        raise CheckpointError(f"original Wan config: dim {dim} is not a multiple of num_heads {heads}")
+        raise WeightsError(f"original Wan config: dim {dim} is not a multiple of num_heads {heads}")
     return out

@@ -12,7 +12,7 @@ import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
-from dualpar.models import checkpoint as ck
+from dualpar.models import weights as wt
 from dualpar.models.tiny import tiny_transformer
 from dualpar.models.wan import BlockShape
 from dualpar.schedule import split_layers
@@ -98,15 +98,15 @@ def _run_diffusers(model, inputs):
     return out[1:] + GUIDANCE * (out[:1] - out[1:])
 
 
-# -- the checkpoint script ------------------------------------------------------------------
+# -- the tiny-folder script ------------------------------------------------------------------
 
 
 def test_script_writes_a_sharded_reloadable_pipeline(model_dir):
     shards = sorted((model_dir / "transformer").glob("diffusion_pytorch_model-*.safetensors"))
     assert len(shards) > 1
-    index = json.loads((model_dir / "transformer" / ck.WEIGHTS_INDEX_NAME).read_text())
+    index = json.loads((model_dir / "transformer" / wt.WEIGHTS_INDEX_NAME).read_text())
     assert {p.name for p in shards} == set(index["weight_map"].values())
-    assert ck.check_model_dir(model_dir)["num_layers"] == LAYERS
+    assert wt.check_model_dir(model_dir)["num_layers"] == LAYERS
 
     with diffusers_loading():
         pipe = WanPipeline.from_pretrained(model_dir)  # a local folder: no network
@@ -136,17 +136,17 @@ def test_script_sizes(root):
 def test_slice_reads_exactly_its_tensors(model_dir, reference, monkeypatch, world, rank):
     first, last = split_layers(LAYERS, world)[rank]
     opened = []
-    real_open = ck.safe_open
+    real_open = wt.safe_open
 
     def recording_open(path, *args, **kwargs):
         opened.append(Path(path).name)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(ck, "safe_open", recording_open)
-    part, loaded = ck.load_transformer_slice(model_dir, first, last)
+    monkeypatch.setattr(wt, "safe_open", recording_open)
+    part, loaded = wt.load_transformer_slice(model_dir, first, last)
 
     ref = reference.state_dict()
-    owns = ck.transformer_keys_for(reference.config, first, last)
+    owns = wt.transformer_keys_for(reference.config, first, last)
     owned = {k for k in ref if owns(k)}
     assert loaded == owned
     state = _slice_state(part, first)
@@ -155,7 +155,7 @@ def test_slice_reads_exactly_its_tensors(model_dir, reference, monkeypatch, worl
         assert state[k].dtype == torch.float32 and torch.equal(state[k], ref[k]), k
 
     # only the shards holding owned tensors were opened
-    weight_map = json.loads((model_dir / "transformer" / ck.WEIGHTS_INDEX_NAME).read_text())["weight_map"]
+    weight_map = json.loads((model_dir / "transformer" / wt.WEIGHTS_INDEX_NAME).read_text())["weight_map"]
     assert set(opened) == {weight_map[k] for k in owned}
     if world > 1:
         assert len(set(opened)) < len(set(weight_map.values()))
@@ -171,21 +171,21 @@ def test_slice_reads_exactly_its_tensors(model_dir, reference, monkeypatch, worl
 
 def test_transformer_keys_for_ends():
     cfg = {"num_layers": 8}
-    mid = ck.transformer_keys_for(cfg, 2, 5)
+    mid = wt.transformer_keys_for(cfg, 2, 5)
     assert mid("blocks.2.attn1.to_q.weight") and mid("blocks.4.ffn.net.2.bias")
     assert not mid("blocks.5.attn1.to_q.weight") and not mid("blocks.1.norm2.weight")
     assert not mid("patch_embedding.weight") and not mid("scale_shift_table") and not mid("proj_out.bias")
-    ends = ck.transformer_keys_for(cfg, 0, 8)
+    ends = wt.transformer_keys_for(cfg, 0, 8)
     assert ends("patch_embedding.weight") and ends("condition_embedder.time_proj.bias")
     assert ends("scale_shift_table") and ends("norm_out.weight") and ends("proj_out.weight")
     assert not ends("rope.freqs_cos")
     with pytest.raises(ValueError):
-        ck.transformer_keys_for(cfg, 3, 9)
+        wt.transformer_keys_for(cfg, 3, 9)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_loaded_slices_match_diffusers_forward(model_dir, reference, inputs, world):
-    parts = [ck.load_transformer_slice(model_dir, a, b)[0] for a, b in split_layers(LAYERS, world)]
+    parts = [wt.load_transformer_slice(model_dir, a, b)[0] for a, b in split_layers(LAYERS, world)]
     with torch.no_grad():
         ours = _run_slices(parts, inputs)
     ref = _run_diffusers(reference, inputs)
@@ -194,7 +194,7 @@ def test_loaded_slices_match_diffusers_forward(model_dir, reference, inputs, wor
 
 
 def test_low_precision_keeps_fp32_modules(model_dir, reference):
-    part, _ = ck.load_transformer_slice(model_dir / "transformer", 0, LAYERS, dtype=torch.bfloat16)
+    part, _ = wt.load_transformer_slice(model_dir / "transformer", 0, LAYERS, dtype=torch.bfloat16)
     keep = WanTransformer3DModel._keep_in_fp32_modules
     for name, t in _slice_state(part, 0).items():
         want = torch.float32 if any(p in keep for p in name.split(".")) else torch.bfloat16
@@ -208,18 +208,18 @@ def test_low_precision_keeps_fp32_modules(model_dir, reference):
 def test_state_dict_missing_or_misshapen_tensor(reference):
     sd = dict(reference.state_dict())
     del sd["blocks.4.attn2.to_k.bias"]
-    part, keys = ck.load_transformer_slice_from_state_dict(reference.config, sd, 0, 4)  # not owned: fine
+    part, keys = wt.load_transformer_slice_from_state_dict(reference.config, sd, 0, 4)  # not owned: fine
     assert "blocks.4.attn2.to_k.bias" not in keys
-    with pytest.raises(ck.CheckpointError, match=re.escape("'blocks.4.attn2.to_k.bias'")):
-        ck.load_transformer_slice_from_state_dict(reference.config, sd, 4, 8)
+    with pytest.raises(wt.WeightsError, match=re.escape("'blocks.4.attn2.to_k.bias'")):
+        wt.load_transformer_slice_from_state_dict(reference.config, sd, 4, 8)
     sd = dict(reference.state_dict(), **{"blocks.0.attn1.to_q.weight": torch.zeros(3, 3)})
-    with pytest.raises(ck.CheckpointError, match="blocks.0.attn1.to_q.weight.*shape"):
-        ck.load_transformer_slice_from_state_dict(reference.config, sd, 0, 1)
+    with pytest.raises(wt.WeightsError, match="blocks.0.attn1.to_q.weight.*shape"):
+        wt.load_transformer_slice_from_state_dict(reference.config, sd, 0, 1)
 
 
 # -- original Wan naming --------------------------------------------------------------------
 
-# diffusers -> original Wan names, written out independently of checkpoint.py's table.
+# diffusers -> original Wan names, written out independently of the code's table.
 _TO_ORIGINAL = [
     (r"blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
     (r"blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
@@ -272,15 +272,15 @@ def test_original_names_map_like_diffusers(varied_state):
 
     orig = to_original_names(varied_state)
     assert "blocks.0.norm3.weight" in orig and not any(".norm2." in k for k in orig)
-    ours = ck.convert_original_wan_state_dict(orig)
+    ours = wt.convert_original_wan_state_dict(orig)
     theirs = convert_wan_transformer_to_diffusers(dict(orig))
     assert ours.keys() == theirs.keys() == varied_state.keys()
     assert all(ours[k] is theirs[k] is varied_state[k] for k in ours)
-    assert ck.original_to_diffusers_key("blocks.3.norm3.bias") == "blocks.3.norm2.bias"
-    assert ck.original_to_diffusers_key("blocks.3.norm2.weight") == "blocks.3.norm3.weight"
-    assert ck.original_to_diffusers_key("head.modulation") == "scale_shift_table"
-    assert ck.original_to_diffusers_key("blocks.3.modulation") == "blocks.3.scale_shift_table"
-    assert ck.original_to_diffusers_key("blocks.3.cross_attn.k_img.weight") is None
+    assert wt.original_to_diffusers_key("blocks.3.norm3.bias") == "blocks.3.norm2.bias"
+    assert wt.original_to_diffusers_key("blocks.3.norm2.weight") == "blocks.3.norm3.weight"
+    assert wt.original_to_diffusers_key("head.modulation") == "scale_shift_table"
+    assert wt.original_to_diffusers_key("blocks.3.modulation") == "blocks.3.scale_shift_table"
+    assert wt.original_to_diffusers_key("blocks.3.cross_attn.k_img.weight") is None
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -295,15 +295,15 @@ def test_original_wan_file_matches_diffusers_twin(tmp_path, model_dir, reference
     else:
         torch.save({"generator": orig, "generator_ema": ema, "step": 120}, path)
 
-    raw = ck.load_original_wan_file(path)
-    sd = ck.convert_original_wan_state_dict(raw)
+    raw = wt.load_original_wan_file(path)
+    sd = wt.convert_original_wan_state_dict(raw)
     assert sd.keys() == varied_state.keys()
     assert all(torch.equal(sd[k], varied_state[k]) for k in sd)
-    assert all(not t.any() for t in ck.convert_original_wan_state_dict(raw, prefer_ema=True).values())
+    assert all(not t.any() for t in wt.convert_original_wan_state_dict(raw, prefer_ema=True).values())
 
     cfg = reference.config
-    twin, _ = ck.load_transformer_slice_from_state_dict(cfg, varied_state, 0, LAYERS)
-    part, keys = ck.load_transformer_slice_from_state_dict(cfg, sd, 0, LAYERS)
+    twin, _ = wt.load_transformer_slice_from_state_dict(cfg, varied_state, 0, LAYERS)
+    part, keys = wt.load_transformer_slice_from_state_dict(cfg, sd, 0, LAYERS)
     assert keys == set(varied_state)
     # the cross-attention norm (diffusers norm2) got the original norm3's varied scale
     assert torch.equal(part.layers[2].norm2.weight, varied_state["blocks.2.norm2.weight"])
@@ -313,8 +313,8 @@ def test_original_wan_file_matches_diffusers_twin(tmp_path, model_dir, reference
 
     # straight from the file, a middle rank reads only its own tensors
     first, last = split_layers(LAYERS, 3)[1]
-    mid, keys = ck.load_original_wan_slice(model_dir, path, first, last)  # config from the folder
-    owns = ck.transformer_keys_for(cfg, first, last)
+    mid, keys = wt.load_original_wan_slice(model_dir, path, first, last)  # config from the folder
+    owns = wt.transformer_keys_for(cfg, first, last)
     assert keys == {k for k in varied_state if owns(k)}
     state = _slice_state(mid, first)
     assert all(torch.equal(state[k], varied_state[k]) for k in keys)
@@ -323,22 +323,22 @@ def test_original_wan_file_matches_diffusers_twin(tmp_path, model_dir, reference
 def test_original_names_strict_and_nesting():
     t = torch.ones(2)
     nested = {"state_dict": {"generator": {"model.blocks.0.ffn.0.weight": t}}}
-    assert ck.convert_original_wan_state_dict(nested) == {"blocks.0.ffn.net.0.proj.weight": t}
-    assert ck.convert_original_wan_state_dict({"blocks.0.self_attn.o.bias": t}) == {"blocks.0.attn1.to_out.0.bias": t}
-    with pytest.raises(ck.CheckpointError, match="img_emb.proj.0.weight"):
-        ck.convert_original_wan_state_dict({"model.blocks.0.ffn.0.weight": t, "model.img_emb.proj.0.weight": t})
-    loose = ck.convert_original_wan_state_dict({"blocks.0.ffn.0.weight": t, "img_emb.proj.0.weight": t}, strict=False)
+    assert wt.convert_original_wan_state_dict(nested) == {"blocks.0.ffn.net.0.proj.weight": t}
+    assert wt.convert_original_wan_state_dict({"blocks.0.self_attn.o.bias": t}) == {"blocks.0.attn1.to_out.0.bias": t}
+    with pytest.raises(wt.WeightsError, match="img_emb.proj.0.weight"):
+        wt.convert_original_wan_state_dict({"model.blocks.0.ffn.0.weight": t, "model.img_emb.proj.0.weight": t})
+    loose = wt.convert_original_wan_state_dict({"blocks.0.ffn.0.weight": t, "img_emb.proj.0.weight": t}, strict=False)
     assert loose.keys() == {"blocks.0.ffn.net.0.proj.weight"}
 
 
 def test_original_config_conversion():
-    cfg = ck.convert_original_wan_config(
+    cfg = wt.convert_original_wan_config(
         {"dim": 1536, "ffn_dim": 8960, "freq_dim": 256, "in_dim": 16, "model_type": "t2v",
          "num_heads": 12, "num_layers": 30, "out_dim": 16, "text_len": 512, "eps": 1e-6}
     )  # fmt: skip
     assert (cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["num_layers"]) == (12, 128, 30)
-    with pytest.raises(ck.CheckpointError, match="i2v"):
-        ck.convert_original_wan_config({"dim": 8, "num_heads": 2, "ffn_dim": 8, "num_layers": 1, "model_type": "i2v"})
+    with pytest.raises(wt.WeightsError, match="i2v"):
+        wt.convert_original_wan_config({"dim": 8, "num_heads": 2, "ffn_dim": 8, "num_layers": 1, "model_type": "i2v"})
 
 
 # -- validating a folder ----------------------------------------------------------------------
@@ -366,8 +366,8 @@ def _break_json(d):
 
 
 def _break_index(d):
-    (d / "transformer" / ck.WEIGHTS_INDEX_NAME).write_text("[1, 2")
-    return ck.WEIGHTS_INDEX_NAME
+    (d / "transformer" / wt.WEIGHTS_INDEX_NAME).write_text("[1, 2")
+    return wt.WEIGHTS_INDEX_NAME
 
 
 def _break_tokenizer(d):
@@ -395,10 +395,10 @@ BREAKERS = [
 def test_check_model_dir_names_the_problem(model_dir, tmp_path, breaker):
     d = tmp_path / "wan"
     shutil.copytree(model_dir, d)
-    assert ck.check_model_dir(d)["num_layers"] == LAYERS
+    assert wt.check_model_dir(d)["num_layers"] == LAYERS
     culprit = breaker(d)
-    with pytest.raises(ck.CheckpointError) as err:
-        ck.check_model_dir(d)
+    with pytest.raises(wt.WeightsError) as err:
+        wt.check_model_dir(d)
     msg = str(err.value)
     assert culprit in msg and str(d) in msg and "\n" not in msg
     if breaker is _break_json:
@@ -409,15 +409,15 @@ def test_missing_shard_fails_only_the_ranks_that_need_it(model_dir, tmp_path):
     d = tmp_path / "wan"
     shutil.copytree(model_dir, d)
     name = _break_shard(d)
-    index = json.loads((d / "transformer" / ck.WEIGHTS_INDEX_NAME).read_text())["weight_map"]
+    index = json.loads((d / "transformer" / wt.WEIGHTS_INDEX_NAME).read_text())["weight_map"]
     lost = {k for k, shard in index.items() if shard == name}
-    assert not any(ck.transformer_keys_for({"num_layers": LAYERS}, 0, 2)(k) for k in lost)
-    assert any(ck.transformer_keys_for({"num_layers": LAYERS}, 6, LAYERS)(k) for k in lost)
-    ck.load_transformer_slice(d, 0, 2)  # never opens the lost shard
-    with pytest.raises(ck.CheckpointError, match=re.escape(name)):
-        ck.load_transformer_slice(d, 6, LAYERS)
-    with pytest.raises(ck.CheckpointError, match="model folder not found"):
-        ck.load_transformer_slice(tmp_path / "nowhere", 0, 1)
+    assert not any(wt.transformer_keys_for({"num_layers": LAYERS}, 0, 2)(k) for k in lost)
+    assert any(wt.transformer_keys_for({"num_layers": LAYERS}, 6, LAYERS)(k) for k in lost)
+    wt.load_transformer_slice(d, 0, 2)  # never opens the lost shard
+    with pytest.raises(wt.WeightsError, match=re.escape(name)):
+        wt.load_transformer_slice(d, 6, LAYERS)
+    with pytest.raises(wt.WeightsError, match="model folder not found"):
+        wt.load_transformer_slice(tmp_path / "nowhere", 0, 1)
 
 
 class _NotAWeight:
@@ -427,8 +427,8 @@ class _NotAWeight:
 def test_original_file_is_read_weights_only(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"generator": {"blocks.0.ffn.0.weight": torch.ones(2)}, "extra": _NotAWeight()}, path)
-    with pytest.raises(ck.CheckpointError, match="only weights_only loading"):
-        ck.load_original_wan_file(path)
+    with pytest.raises(wt.WeightsError, match="only weights_only loading"):
+        wt.load_original_wan_file(path)
     (tmp_path / "w.ckpt").write_bytes(b"")
-    with pytest.raises(ck.CheckpointError, match="unsupported checkpoint file type"):
-        ck.load_original_wan_file(tmp_path / "w.ckpt")
+    with pytest.raises(wt.WeightsError, match="unsupported checkpoint file type"):
+        wt.load_original_wan_file(tmp_path / "w.ckpt")
