@@ -1,4 +1,4 @@
-"""Loading real (diffusers-format and original-Wan) checkpoints one rank's share at a time."""
+"""Loading model weights (diffusers folders and original-Wan files) one rank's share at a time."""
 
 import contextlib
 import importlib.util
@@ -12,6 +12,7 @@ import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import save_file
 
+from dualpar.models import original_wan as ow
 from dualpar.models import weights as wt
 from dualpar.models.tiny import tiny_transformer
 from dualpar.models.wan import BlockShape
@@ -272,15 +273,19 @@ def test_original_names_map_like_diffusers(varied_state):
 
     orig = to_original_names(varied_state)
     assert "blocks.0.norm3.weight" in orig and not any(".norm2." in k for k in orig)
-    ours = wt.convert_original_wan_state_dict(orig)
+    ours = ow.convert_original_wan_state_dict(orig)
     theirs = convert_wan_transformer_to_diffusers(dict(orig))
     assert ours.keys() == theirs.keys() == varied_state.keys()
     assert all(ours[k] is theirs[k] is varied_state[k] for k in ours)
-    assert wt.original_to_diffusers_key("blocks.3.norm3.bias") == "blocks.3.norm2.bias"
-    assert wt.original_to_diffusers_key("blocks.3.norm2.weight") == "blocks.3.norm3.weight"
-    assert wt.original_to_diffusers_key("head.modulation") == "scale_shift_table"
-    assert wt.original_to_diffusers_key("blocks.3.modulation") == "blocks.3.scale_shift_table"
-    assert wt.original_to_diffusers_key("blocks.3.cross_attn.k_img.weight") is None
+    assert ow.original_to_diffusers_key("blocks.3.norm3.bias") == "blocks.3.norm2.bias"
+    assert ow.original_to_diffusers_key("blocks.3.norm2.weight") == "blocks.3.norm3.weight"
+    assert ow.original_to_diffusers_key("head.modulation") == "scale_shift_table"
+    assert ow.original_to_diffusers_key("blocks.3.modulation") == "blocks.3.scale_shift_table"
+    assert ow.original_to_diffusers_key("blocks.3.cross_attn.k_img.weight") is None
+    # the reverse direction, read from the same table, gives the independent renaming back
+    assert [ow.diffusers_to_original_key(k) for k in varied_state] == list(orig)
+    assert ow.diffusers_to_original_key("blocks.3.attn2.to_out.0.bias") == "blocks.3.cross_attn.o.bias"
+    assert ow.diffusers_to_original_key("rope.freqs_cos") is None
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -295,11 +300,11 @@ def test_original_wan_file_matches_diffusers_twin(tmp_path, model_dir, reference
     else:
         torch.save({"generator": orig, "generator_ema": ema, "step": 120}, path)
 
-    raw = wt.load_original_wan_file(path)
-    sd = wt.convert_original_wan_state_dict(raw)
+    raw = ow.load_original_wan_file(path)
+    sd = ow.convert_original_wan_state_dict(raw)
     assert sd.keys() == varied_state.keys()
     assert all(torch.equal(sd[k], varied_state[k]) for k in sd)
-    assert all(not t.any() for t in wt.convert_original_wan_state_dict(raw, prefer_ema=True).values())
+    assert all(not t.any() for t in ow.convert_original_wan_state_dict(raw, prefer_ema=True).values())
 
     cfg = reference.config
     twin, _ = wt.load_transformer_slice_from_state_dict(cfg, varied_state, 0, LAYERS)
@@ -313,7 +318,7 @@ def test_original_wan_file_matches_diffusers_twin(tmp_path, model_dir, reference
 
     # straight from the file, a middle rank reads only its own tensors
     first, last = split_layers(LAYERS, 3)[1]
-    mid, keys = wt.load_original_wan_slice(model_dir, path, first, last)  # config from the folder
+    mid, keys = ow.load_original_wan_slice(model_dir, path, first, last)  # config from the folder
     owns = wt.transformer_keys_for(cfg, first, last)
     assert keys == {k for k in varied_state if owns(k)}
     state = _slice_state(mid, first)
@@ -323,11 +328,11 @@ def test_original_wan_file_matches_diffusers_twin(tmp_path, model_dir, reference
 def test_original_names_strict_and_nesting():
     t = torch.ones(2)
     nested = {"state_dict": {"generator": {"model.blocks.0.ffn.0.weight": t}}}
-    assert wt.convert_original_wan_state_dict(nested) == {"blocks.0.ffn.net.0.proj.weight": t}
-    assert wt.convert_original_wan_state_dict({"blocks.0.self_attn.o.bias": t}) == {"blocks.0.attn1.to_out.0.bias": t}
+    assert ow.convert_original_wan_state_dict(nested) == {"blocks.0.ffn.net.0.proj.weight": t}
+    assert ow.convert_original_wan_state_dict({"blocks.0.self_attn.o.bias": t}) == {"blocks.0.attn1.to_out.0.bias": t}
     with pytest.raises(wt.WeightsError, match="img_emb.proj.0.weight"):
-        wt.convert_original_wan_state_dict({"model.blocks.0.ffn.0.weight": t, "model.img_emb.proj.0.weight": t})
-    loose = wt.convert_original_wan_state_dict({"blocks.0.ffn.0.weight": t, "img_emb.proj.0.weight": t}, strict=False)
+        ow.convert_original_wan_state_dict({"model.blocks.0.ffn.0.weight": t, "model.img_emb.proj.0.weight": t})
+    loose = ow.convert_original_wan_state_dict({"blocks.0.ffn.0.weight": t, "img_emb.proj.0.weight": t}, strict=False)
     assert loose.keys() == {"blocks.0.ffn.net.0.proj.weight"}
 
 
@@ -428,7 +433,7 @@ def test_original_file_is_read_weights_only(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"generator": {"blocks.0.ffn.0.weight": torch.ones(2)}, "extra": _NotAWeight()}, path)
     with pytest.raises(wt.WeightsError, match="only weights_only loading"):
-        wt.load_original_wan_file(path)
+        ow.load_original_wan_file(path)
     (tmp_path / "w.ckpt").write_bytes(b"")
     with pytest.raises(wt.WeightsError, match="unsupported checkpoint file type"):
-        wt.load_original_wan_file(tmp_path / "w.ckpt")
+        ow.load_original_wan_file(tmp_path / "w.ckpt")

@@ -67,11 +67,11 @@ def load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanS
 def _load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanSlice:
     dtype = torch_dtype(cfg.model.dtype)
     if cfg.model.path:
-        from . import weights
+        from . import original_wan, weights
 
         if cfg.model.transformer_file:
             config = weights.read_transformer_config(cfg.model.path)
-            part, _ = weights.load_original_wan_slice(
+            part, _ = original_wan.load_original_wan_slice(
                 config, cfg.model.transformer_file, first, last, dtype=dtype, device=device
             )
         else:

@@ -7,18 +7,15 @@ and only the owned tensors are read from the (memory-mapped) safetensors
 files, one tensor at a time. For sharded weights the index tells which
 shards hold those tensors; no other shard is opened.
 
-Checkpoints in the original Wan naming (Wan2.1 itself and its causal
-fine-tunes: CausVid, Self-Forcing, LongLive, usually a ``.pt`` holding a
-``generator`` / ``generator_ema`` state dict with a ``model.`` prefix) are
-renamed to diffusers' names by :func:`convert_original_wan_state_dict`.
+Configs in the original Wan format are converted here; weights in the
+original Wan naming are read by :mod:`dualpar.models.original_wan`.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +26,14 @@ from .wan import WanSlice
 
 __all__ = [
     "WeightsError",
+    "assemble_slice",
     "check_model_dir",
     "convert_original_wan_config",
-    "convert_original_wan_state_dict",
-    "load_original_wan_file",
-    "load_original_wan_slice",
+    "keep_fp32_names",
     "load_transformer_slice",
     "load_transformer_slice_from_state_dict",
-    "original_wan_key_map",
-    "original_to_diffusers_key",
     "read_transformer_config",
+    "transformer_config",
     "transformer_keys_for",
 ]
 
@@ -175,6 +170,14 @@ def read_transformer_config(path: str | Path) -> dict:
     return convert_original_wan_config(cfg) if _is_original_config(cfg) else cfg
 
 
+def transformer_config(config: Mapping[str, Any] | str | Path) -> dict:
+    """A diffusers transformer config from a config dict (either format) or a path
+    :func:`read_transformer_config` accepts."""
+    if isinstance(config, (str, Path)):
+        return read_transformer_config(config)
+    return convert_original_wan_config(config) if _is_original_config(config) else dict(config)
+
+
 # -- which tensors a rank owns ------------------------------------------------------------
 
 
@@ -246,7 +249,7 @@ def _empty_slice(config: Mapping[str, Any], first: int, last: int) -> WanSlice:
     return part
 
 
-def _assemble(
+def assemble_slice(
     config: Mapping[str, Any],
     first: int,
     last: int,
@@ -342,7 +345,7 @@ def load_transformer_slice(
                         raise WeightsError(f"{file}: missing tensor {name!r} (the index says it is here)")
                     yield name, f.get_tensor(name)
 
-    return _assemble(
+    return assemble_slice(
         config,
         first,
         last,
@@ -370,15 +373,13 @@ def load_transformer_slice_from_state_dict(
     paged in only for them); they are copied, never aliased. Other entries are
     ignored. Returns the slice and the set of names used.
     """
-    cfg = read_transformer_config(config) if isinstance(config, (str, Path)) else dict(config)
-    if _is_original_config(cfg):
-        cfg = convert_original_wan_config(cfg)
+    cfg = transformer_config(config)
 
     def read(names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
         for name in names:
             yield name, state_dict[name]
 
-    return _assemble(
+    return assemble_slice(
         cfg,
         first,
         last,
@@ -390,232 +391,7 @@ def load_transformer_slice_from_state_dict(
     )
 
 
-# -- original Wan naming --------------------------------------------------------------------
-
-# Original module path -> diffusers module path (the parameter leaf, weight/bias, is kept).
-_ORIGINAL_TOP = {
-    "patch_embedding": "patch_embedding",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "time_projection.1": "condition_embedder.time_proj",
-    "head.head": "proj_out",
-    "head.norm": "norm_out",
-}
-_ORIGINAL_BLOCK = {
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "self_attn.norm_q": "attn1.norm_q",
-    "self_attn.norm_k": "attn1.norm_k",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "cross_attn.norm_q": "attn2.norm_q",
-    "cross_attn.norm_k": "attn2.norm_k",
-    "norm1": "norm1",
-    # The two namings number the norms differently: the original `norm3` is
-    # the (affine) cross-attention norm, diffusers' `norm2`; the original
-    # `norm2` precedes the FFN, diffusers' `norm3`.
-    "norm3": "norm2",
-    "norm2": "norm3",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
-# Whole parameters (no weight/bias leaf).
-_ORIGINAL_PARAMS = {"head.modulation": "scale_shift_table"}
-_ORIGINAL_BLOCK_PARAMS = {"modulation": "scale_shift_table"}
-# Tensors some implementations keep in their state dict that hold no weights.
-_ORIGINAL_IGNORED = frozenset({"freqs"})
-# Wrappers around the network's own names: training checkpoints nest the
-# generator (and its EMA) and often prefix `model.` (a wrapper module).
-_WRAPPERS = ("generator", "generator_ema")
-_NAME_PREFIXES = ("state_dict.", "module.", "model.", "diffusion_model.", "_orig_mod.")
-
-
-def original_to_diffusers_key(key: str) -> str | None:
-    """The diffusers name of one original-Wan tensor name (no prefixes), or None if unknown."""
-    if key in _ORIGINAL_PARAMS:
-        return _ORIGINAL_PARAMS[key]
-    m = _BLOCK_KEY.fullmatch(key)
-    if m:
-        i, rest = m.groups()
-        if rest in _ORIGINAL_BLOCK_PARAMS:
-            return f"blocks.{i}.{_ORIGINAL_BLOCK_PARAMS[rest]}"
-        table, prefix = _ORIGINAL_BLOCK, f"blocks.{i}."
-    else:
-        table, prefix, rest = _ORIGINAL_TOP, "", key
-    if "." not in rest:
-        return None
-    module, leaf = rest.rsplit(".", 1)
-    if module not in table or leaf not in ("weight", "bias"):
-        return None
-    return f"{prefix}{table[module]}.{leaf}"
-
-
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _NAME_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
-
-
-def original_wan_key_map(keys: Iterable[str], *, prefer_ema: bool = False, strict: bool = True) -> dict[str, str]:
-    """Map diffusers names to the original-Wan keys (possibly wrapped) that hold them.
-
-    ``keys`` are flat, dot-joined names as found in a file: a nested
-    ``{"generator": {"model.blocks.0...": t}}`` flattens to
-    ``generator.model.blocks.0...``. When a ``generator`` and a
-    ``generator_ema`` are both present, ``prefer_ema`` picks the EMA one;
-    if only one is, it is used. Keys outside the chosen wrapper are ignored.
-    With ``strict``, an unrecognised key raises :class:`WeightsError`;
-    otherwise it is dropped.
-    """
-    keys = list(keys)
-    unwrapped = {}
-    for k in keys:
-        u = k[len("state_dict.") :] if k.startswith("state_dict.") else k
-        unwrapped[k] = u
-    present = {w for w in _WRAPPERS if any(u.startswith(w + ".") for u in unwrapped.values())}
-    wrapper = None
-    if present:
-        order = _WRAPPERS[::-1] if prefer_ema else _WRAPPERS
-        wrapper = next(w for w in order if w in present)
-
-    out: dict[str, str] = {}
-    for k, u in unwrapped.items():
-        if wrapper is not None:
-            if not u.startswith(wrapper + "."):
-                continue
-            u = u[len(wrapper) + 1 :]
-        name = _strip_prefixes(u)
-        if name in _ORIGINAL_IGNORED:
-            continue
-        new = original_to_diffusers_key(name)
-        if new is None:
-            if strict:
-                raise WeightsError(f"unrecognised tensor {k!r} in an original-Wan (text-to-video) checkpoint")
-            continue
-        if new in out:
-            raise WeightsError(f"tensors {out[new]!r} and {k!r} both map to {new!r}")
-        out[new] = k
-    if not out:
-        raise WeightsError("no Wan transformer tensors found in the checkpoint")
-    return out
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Dot-join nested mappings; keep only tensor leaves (drops step counters and the like)."""
-    flat: dict[str, torch.Tensor] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, torch.Tensor):
-            flat[key] = v
-        elif isinstance(v, Mapping):
-            flat.update(_flatten(v, key + "."))
-    return flat
-
-
-def convert_original_wan_state_dict(
-    sd: Mapping[str, Any], *, prefer_ema: bool = False, strict: bool = True
-) -> dict[str, torch.Tensor]:
-    """Rename an original-Wan state dict (Wan2.1, CausVid, Self-Forcing, LongLive) to diffusers names.
-
-    Accepts the network's own names, optionally prefixed with ``model.``, and
-    nested under ``generator`` / ``generator_ema`` (and ``state_dict``), as
-    nested mappings or dot-joined flat keys. Tensors are not copied. See
-    :func:`original_wan_key_map` for ``prefer_ema`` and ``strict``.
-    """
-    flat = _flatten(sd)
-    return {new: flat[old] for new, old in original_wan_key_map(flat, prefer_ema=prefer_ema, strict=strict).items()}
-
-
-def load_original_wan_file(path: str | Path) -> dict[str, Any]:
-    """Read an original-Wan checkpoint file as it is stored (names not converted).
-
-    ``.safetensors`` is read with safetensors (flat, dot-joined names). A
-    ``.pt``/``.pth`` file is read only with ``torch.load(weights_only=True)``
-    (no arbitrary code), memory-mapped when its format allows.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"missing file: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p), device="cpu")
-    if p.suffix not in (".pt", ".pth"):
-        raise WeightsError(f"unsupported checkpoint file type {p.suffix!r}: {p} (use .safetensors, .pt or .pth)")
-    try:
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # legacy (non-zip) serialization cannot be memory-mapped
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise WeightsError(
-            f"cannot load {p}: it holds objects other than tensors and plain containers "
-            "(only weights_only loading is allowed)"
-        ) from None
-    except Exception as e:
-        lines = str(e).strip().splitlines()
-        raise WeightsError(f"cannot load {p}: {lines[0] if lines else type(e).__name__}") from None
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{p}: expected a state dict, got {type(obj).__name__}")
-    return dict(obj)
-
-
-def load_original_wan_slice(
-    config: Mapping[str, Any] | str | Path,
-    path: str | Path,
-    first: int,
-    last: int,
-    *,
-    prefer_ema: bool = False,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> tuple[WanSlice, set[str]]:
-    """Load layers ``[first, last)`` from one original-Wan checkpoint file.
-
-    ``config`` is the transformer config (diffusers or original format, or a
-    path to it). A ``.safetensors`` file is opened lazily and only owned
-    tensors are read; a ``.pt`` file is memory-mapped, so unowned tensors stay
-    on disk. Returns the slice and the set of diffusers names loaded.
-    """
-    cfg = read_transformer_config(config) if isinstance(config, (str, Path)) else dict(config)
-    if _is_original_config(cfg):
-        cfg = convert_original_wan_config(cfg)
-    p = Path(path)
-    if p.suffix != ".safetensors":
-        sd = convert_original_wan_state_dict(load_original_wan_file(p), prefer_ema=prefer_ema)
-        return load_transformer_slice_from_state_dict(cfg, sd, first, last, dtype=dtype, device=device)
-    if not p.is_file():
-        raise WeightsError(f"missing file: {p}")
-    with safe_open(str(p), framework="pt", device="cpu") as f:
-        key_map = original_wan_key_map(f.keys(), prefer_ema=prefer_ema)
-
-        def read(names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-            for name in names:
-                yield name, f.get_tensor(key_map[name])
-
-        return _assemble(
-            cfg,
-            first,
-            last,
-            available=key_map.__contains__,
-            read=read,
-            origin=str(p),
-            dtype=dtype,
-            device=device,
-        )
+# -- original Wan configs --------------------------------------------------------------------
 
 
 def _is_original_config(cfg: Mapping[str, Any]) -> bool:
