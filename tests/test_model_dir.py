@@ -1,13 +1,18 @@
 """A diffusers-format model folder through the real launcher: per-rank loading, exact outputs, clean errors."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from test_parallel import ARGS, launch, read_blocks, reference
+
+INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +82,149 @@ def test_broken_model_folder_stops_every_rank(root, tmp_path, tiny_dir):
     res = run_bad(root, ["--model", str(bad)], n=2)
     assert res.returncode != 0
     assert res.stderr.count("error: --model") == 1  # printed once, by rank 0
+
+
+# -- corrupt weights: judged from file headers, before any rank loads anything -------------------
+
+TENSOR = "blocks.3.attn1.to_q.weight"
+
+
+def _rewrite_shard(d, change):
+    """Apply ``change`` to the state dict of the shard holding TENSOR and save it back; the shard's name."""
+    tdir = d / "transformer"
+    shard = tdir / json.loads((tdir / INDEX).read_text())["weight_map"][TENSOR]
+    sd = load_file(shard)
+    change(sd)
+    save_file(sd, shard, metadata={"format": "pt"})
+    return shard.name
+
+
+def _cut(path, keep):
+    """Keep the first ``keep`` bytes of ``path`` (negative: drop that many from the end), as a cut-off copy."""
+    path.write_bytes(path.read_bytes()[:keep])
+    return f"{path.parent.name}/{path.name}"
+
+
+def _junk(path, data):
+    path.write_bytes(data)
+    return f"{path.parent.name}/{path.name}"
+
+
+def _shard(d, i=1):
+    return sorted((d / "transformer").glob("diffusion_pytorch_model-*.safetensors"))[i]
+
+
+def _set_config(d, **changes):
+    path = d / "transformer" / "config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+    return "config.json"
+
+
+def _original_state(layers=None):
+    """The tiny preset's transformer in the original Wan naming, as Self-Forcing ships it (``model.`` prefix)."""
+    from test_weights import to_original_names
+
+    from dualpar.models.tiny import tiny_transformer
+
+    sd = to_original_names(tiny_transformer(0).state_dict())
+    if layers is not None:
+        sd = {k: v for k, v in sd.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < layers}
+    return {"model." + k: v.contiguous() for k, v in sd.items()}
+
+
+def _transformer_file(tmp, name, write):
+    """Write a --transformer-file with ``write(path)``; the options that use it."""
+    path = tmp / name
+    write(path)
+    return ["--transformer-file", str(path)]
+
+
+def _save_original(sd, cut=False):
+    """A writer of ``sd`` as a file of the path's type (nested under ``generator`` in a .pt), optionally cut off."""
+    def write(path):
+        if path.suffix == ".safetensors":
+            save_file(sd, path)
+        else:
+            torch.save({"generator": sd}, path)
+        if cut:
+            _cut(path, -100)
+    return write
+
+
+def _without(sd, key):
+    return {k: v for k, v in sd.items() if k != key}
+
+
+def _as_int(sd, key):
+    return dict(sd, **{key: sd[key].to(torch.int64)})
+
+
+# Each breaks a copy of the tiny folder (or adds a --transformer-file) and returns
+# (extra options, what the one error line must name, what it must say is wrong).
+CORRUPTIONS = {
+    "shard cut in its data": lambda d, t: ([], _cut(_shard(d), -100), "truncated"),
+    "shard cut in its header": lambda d, t: ([], _cut(_shard(d), 40), "truncated"),
+    "shard not safetensors": lambda d, t: ([], _junk(_shard(d), b"hello, not weights"), "not a safetensors file"),
+    "int tensor": lambda d, t: ([], _rewrite_shard(d, lambda sd: sd.update({TENSOR: sd[TENSOR].to(torch.int32)})),
+                                "I32, not a floating-point type"),
+    "missing tensor": lambda d, t: ([], _rewrite_shard(d, lambda sd: sd.pop(TENSOR)), f"missing tensor '{TENSOR}'"),
+    "wrong shape": lambda d, t: ([], _rewrite_shard(d, lambda sd: sd.update({TENSOR: sd[TENSOR][:-1]})),
+                                 f"'{TENSOR}' has shape"),
+    "num_layers beyond the weights": lambda d, t: ([], _set_config(d, num_layers=10), "num_layers is 10"),
+    "config implies other shapes": lambda d, t: ([], _set_config(d, ffn_dim=4096), "the config"),
+    "vae cut": lambda d, t: ([], _cut(d / "vae" / "diffusion_pytorch_model.safetensors", -100), "truncated"),
+    "text encoder cut": lambda d, t: ([], _cut(d / "text_encoder" / "model.safetensors", 1000), "truncated"),
+    "file junk safetensors": lambda d, t: (
+        _transformer_file(t, "junk.safetensors", lambda p: _junk(p, os.urandom(4096))),
+        "junk.safetensors", "not a safetensors file"),
+    "file junk pt": lambda d, t: (
+        _transformer_file(t, "junk.pt", lambda p: _junk(p, b"PK\x03\x04 not a torch file")),
+        "junk.pt", "cannot load"),
+    "file not a Wan state dict": lambda d, t: (
+        _transformer_file(t, "other.pt", lambda p: torch.save({"encoder.weight": torch.ones(2)}, p)),
+        "other.pt", "unrecognised tensor 'encoder.weight'"),
+    "file in diffusers naming": lambda d, t: (
+        _transformer_file(t, "diffusers.safetensors", lambda p: save_file(
+            {k: v.contiguous() for k, v in load_file(_shard(d, 0)).items()}, p)),
+        "diffusers.safetensors", "unrecognised tensor"),
+    "file missing tensor": lambda d, t: (
+        _transformer_file(t, "gen.pt", _save_original(_without(_original_state(), "model.blocks.5.cross_attn.k.bias"))),
+        "gen.pt", "missing tensor 'blocks.5.cross_attn.k.bias'"),
+    "file with fewer layers": lambda d, t: (
+        _transformer_file(t, "gen.safetensors", _save_original(_original_state(layers=6))),
+        "gen.safetensors", "holds 6 layers"),
+    "file int tensor": lambda d, t: (
+        _transformer_file(t, "gen.pt", _save_original(_as_int(_original_state(), "model.head.head.weight"))),
+        "gen.pt", "int64, not a floating-point type"),
+    "file cut": lambda d, t: (
+        _transformer_file(t, "gen.safetensors", _save_original(_original_state(), cut=True)),
+        "gen.safetensors", "truncated"),
+}
+# These go through the real launcher (a separate process); the rest call the CLI in-process.
+THROUGH_LAUNCHER = {"shard cut in its data", "file junk safetensors"}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_corrupt_weights_are_one_clear_error_before_loading(root, tmp_path, tiny_dir, monkeypatch, capsys, kind):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    extra, named, what = CORRUPTIONS[kind](bad, tmp_path)
+    args = ["--model", str(bad), *extra, "--out", str(tmp_path / "out")]
+    if kind in THROUGH_LAUNCHER:
+        res = run_bad(root, args)
+        code, err = res.returncode, res.stderr
+    else:
+        from dualpar import cli
+
+        monkeypatch.setattr(cli, "run", lambda cfg, args: pytest.fail(f"{kind}: validation passed"))
+        code = cli.main([*ARGS, "--no-decode", *args])
+        err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert named in lines[0] and what in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing started
 
 
 @pytest.mark.parametrize("name,layers_hw", [("wan2.1-t2v-1.3b-480p.yaml", (480, 832, 3.0)),

@@ -25,14 +25,15 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def check_model(cfg: Config) -> None:
-    """Validate ``model.path`` / ``model.transformer_file`` without reading weights (ConfigError)."""
-    from .weights import WeightsError, check_model_dir
+    """Validate ``model.path`` / ``model.transformer_file`` from file metadata, no tensor read (ConfigError)."""
+    from .original_wan import check_original_wan_file
+    from .weights import WeightsError, check_model_dir, transformer_config
 
     m = cfg.model
     if not m.path:
         return
     try:
-        check_model_dir(m.path)
+        config = check_model_dir(m.path, transformer_weights=not m.transformer_file)
     except WeightsError as e:
         raise ConfigError(f"--model: {e}") from None
     if m.transformer_file:
@@ -41,6 +42,10 @@ def check_model(cfg: Config) -> None:
             raise ConfigError(f"model.transformer_file: no such file {p}")
         if p.suffix not in (".safetensors", ".pt", ".pth"):
             raise ConfigError(f"model.transformer_file: {p} is not .safetensors, .pt or .pth")
+        try:
+            check_original_wan_file(transformer_config(config), p, Path(m.path) / "transformer" / "config.json")
+        except WeightsError as e:
+            raise ConfigError(f"model.transformer_file: {e}") from None
 
 
 def num_layers(cfg: Config) -> int:

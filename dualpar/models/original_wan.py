@@ -1,4 +1,4 @@
-"""Transformer weights in the original Wan naming: the name table, renaming, and loading a slice.
+"""Transformer weights in the original Wan naming: the name table, renaming, checking and loading a slice.
 
 Wan2.1 itself and its causal fine-tunes (CausVid, Self-Forcing, LongLive)
 ship the network under its original names (``blocks.N.self_attn.q.weight``,
@@ -20,10 +20,19 @@ import torch
 from safetensors import safe_open
 
 from .wan import WanSlice
-from .weights import WeightsError, assemble_slice, load_transformer_slice_from_state_dict, transformer_config
+from .weights import (
+    TensorInfo,
+    WeightsError,
+    assemble_slice,
+    check_tensors,
+    load_transformer_slice_from_state_dict,
+    safetensors_info,
+    transformer_config,
+)
 
 __all__ = [
     "ORIGINAL_TO_DIFFUSERS",
+    "check_original_wan_file",
     "convert_original_wan_state_dict",
     "diffusers_to_original_key",
     "load_original_wan_file",
@@ -262,3 +271,34 @@ def load_original_wan_slice(
             dtype=dtype,
             device=device,
         )
+
+
+def check_original_wan_file(
+    config: Mapping[str, Any], path: str | Path, config_path: str | Path, *, prefer_ema: bool = False
+) -> None:
+    """Check an original-Wan transformer file against the (diffusers) transformer ``config``, as
+    :func:`~dualpar.models.weights.check_tensors` does, before any rank loads it.
+
+    A ``.safetensors`` file is judged by its header; a ``.pt``/``.pth`` file is
+    memory-mapped, so only its pickled structure is read (a legacy, non-zip
+    ``.pt`` cannot be mapped and is read whole). Raises :class:`WeightsError`
+    naming the file.
+    """
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        stored = safetensors_info(p)
+    else:
+        flat = _flatten(load_original_wan_file(p))
+        stored = {
+            k: TensorInfo(p, k, tuple(t.shape), str(t.dtype).removeprefix("torch."), t.is_floating_point())
+            for k, t in flat.items()
+        }
+    try:
+        key_map = original_wan_key_map(stored, prefer_ema=prefer_ema)
+    except WeightsError as e:  # its messages name tensors, not the file
+        raise WeightsError(f"{p}: {e}") from None
+
+    def missing(name: str) -> str:
+        return f"{p}: missing tensor {diffusers_to_original_key(name) or name!r} (diffusers {name!r})"
+
+    check_tensors(config, {new: stored[old] for new, old in key_map.items()}, p, config_path, missing)

@@ -16,23 +16,27 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .wan import WanSlice
 
 __all__ = [
+    "TensorInfo",
     "WeightsError",
     "assemble_slice",
     "check_model_dir",
+    "check_tensors",
     "convert_original_wan_config",
     "keep_fp32_names",
     "load_transformer_slice",
     "load_transformer_slice_from_state_dict",
     "read_transformer_config",
+    "safetensors_info",
     "transformer_config",
     "transformer_keys_for",
 ]
@@ -94,17 +98,18 @@ def _read_index(path: Path) -> dict[str, str]:
     return weight_map
 
 
-def _check_weights(folder: Path, candidates: tuple[str, ...]) -> None:
-    """One of ``candidates`` exists, either whole or as an index whose every shard exists."""
+def _check_weights(folder: Path, candidates: tuple[str, ...]) -> list[Path]:
+    """The files holding the weights: one of ``candidates`` whole, or every shard of its index (all must exist)."""
     for name in candidates:
         if (folder / name).is_file():
-            return
+            return [folder / name]
         index = folder / (name + ".index.json")
         if index.is_file():
-            for shard in sorted(set(_read_index(index).values())):
-                if not (folder / shard).is_file():
-                    raise WeightsError(f"missing shard {folder / shard} (listed in {index})")
-            return
+            shards = [folder / shard for shard in sorted(set(_read_index(index).values()))]
+            for shard in shards:
+                if not shard.is_file():
+                    raise WeightsError(f"missing shard {shard} (listed in {index})")
+            return shards
     wanted = " or ".join(f"{n}[.index.json]" for n in candidates)
     raise WeightsError(f"missing weights in {folder}: expected {wanted}")
 
@@ -120,14 +125,18 @@ def _check_transformer_config(cfg: dict, path: Path) -> None:
         raise WeightsError(f"{path}: image-conditioned Wan models are not supported (text-to-video only)")
 
 
-def check_model_dir(path: str | Path) -> dict:
-    """Validate a local diffusers-format Wan2.1 text-to-video folder without loading weights.
+def check_model_dir(path: str | Path, *, transformer_weights: bool = True) -> dict:
+    """Validate a local diffusers-format Wan2.1 text-to-video folder from file metadata only.
 
     Checks ``model_index.json``; the ``transformer``, ``vae``, ``text_encoder``,
     ``tokenizer`` and ``scheduler`` subfolders with their config files; a
-    tokenizer vocabulary; and that the weight files (or every shard an index
-    lists) exist. Returns the transformer's config dict. Raises
-    :class:`WeightsError` naming the first missing or malformed path.
+    tokenizer vocabulary; that the weight files (or every shard an index
+    lists) exist; that every safetensors weights file has a readable header
+    and is as long as it says; and, with ``transformer_weights`` (off when
+    another file supplies them), that the transformer weights pass
+    :func:`check_tensors`. No tensor is read. Returns the transformer's
+    config dict. Raises :class:`WeightsError` naming the first missing or
+    malformed path.
     """
     root = Path(path)
     if not root.is_dir():
@@ -142,10 +151,134 @@ def check_model_dir(path: str | Path) -> dict:
         raise WeightsError(f"missing tokenizer vocabulary in {tok}: expected {' or '.join(_TOKENIZER_VOCAB)}")
     if (tok / "tokenizer_config.json").exists():
         _read_json(tok / "tokenizer_config.json")
-    _check_transformer_config(configs["transformer"], root / "transformer" / "config.json")
-    for sub, candidates in _WEIGHT_CANDIDATES.items():
-        _check_weights(root / sub, candidates)
+    config_path = root / "transformer" / "config.json"
+    _check_transformer_config(configs["transformer"], config_path)
+    files = {sub: _check_weights(root / sub, candidates) for sub, candidates in _WEIGHT_CANDIDATES.items()}
+    for sub in ("vae", "text_encoder"):
+        for file in files[sub]:
+            if file.suffix == ".safetensors":
+                safetensors_info(file)  # a cut-off copy fails here rather than while loading
+    if transformer_weights:
+        _check_transformer_weights(root / "transformer", configs["transformer"], config_path)
     return configs["transformer"]
+
+
+# -- checking weights against a config from their headers --------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a weights file says about one tensor, without reading it."""
+
+    file: Path
+    name: str
+    """The name in the file (it differs from the model's for original-Wan files)."""
+    shape: tuple[int, ...]
+    dtype: str
+    """As the format spells it: ``F32``, ``BF16``, ``I64`` (safetensors), ``float32`` (torch)."""
+    floating: bool
+
+
+def safetensors_info(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor's :class:`TensorInfo` from a safetensors file's header; no tensor data is read."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out = {}
+            for name in f.keys():
+                info = f.get_slice(name)
+                dtype = info.get_dtype()
+                # safetensors' float types are F16/F32/F64, BF16 and F8_*; the rest are ints and BOOL
+                out[name] = TensorInfo(path, name, tuple(info.get_shape()), dtype, dtype.startswith(("F", "BF")))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{path}: {_why_unreadable(path, e)}") from None
+    return out
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    """Words for a safetensors file that safe_open refused; a cut-off copy or download is the usual cause.
+
+    The format: 8 bytes (little-endian header length N), N bytes of JSON
+    header, then the data, whose extent the header's ``data_offsets`` give.
+    """
+    detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little")
+            if len(head) < 8 or n > 100_000_000:  # safetensors' own header size limit
+                return f"not a safetensors file ({detail})"
+            if 8 + n > size:
+                return f"truncated: the header alone is {8 + n} bytes, the file has {size}"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return f"not a safetensors file ({detail})"
+    if 8 + n + end > size:
+        return f"truncated: the header describes {8 + n + end} bytes, the file has {size}"
+    return f"unreadable safetensors file ({detail})"
+
+
+def _expected_shapes(config: Mapping[str, Any], config_path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of the transformer ``config`` describes, read off a model built on ``meta``."""
+    from diffusers import WanTransformer3DModel
+
+    try:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config(dict(config))
+    except Exception as e:  # any failure to build is a config the model cannot have
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise WeightsError(f"{config_path}: not a buildable Wan transformer config ({detail})") from None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_tensors(
+    config: Mapping[str, Any],
+    tensors: Mapping[str, TensorInfo],
+    source: str | Path,
+    config_path: str | Path,
+    missing: Callable[[str], str] | None = None,
+) -> None:
+    """Check weights (diffusers name -> :class:`TensorInfo`) against the transformer ``config``.
+
+    The weights, from ``source``, must hold at least ``num_layers`` layers,
+    and every tensor of the model with the shape the config implies and a
+    floating-point dtype; extra tensors are ignored, as loading ignores them.
+    ``missing(name)`` words the error for an absent tensor (default: absent
+    from ``source``). Raises :class:`WeightsError`.
+    """
+    layers = 1 + max((int(m.group(1)) for k in tensors if (m := _BLOCK_KEY.fullmatch(k))), default=-1)
+    if config["num_layers"] > layers:
+        raise WeightsError(f"{config_path}: num_layers is {config['num_layers']}, but {source} holds {layers} layers")
+    for name, shape in _expected_shapes(config, config_path).items():
+        info = tensors.get(name)
+        if info is None:
+            raise WeightsError(missing(name) if missing else f"{source}: missing tensor {name!r}")
+        if info.shape != shape:
+            raise WeightsError(
+                f"{info.file}: tensor {info.name!r} has shape {info.shape}, the config ({config_path}) implies {shape}"
+            )
+        if not info.floating:
+            raise WeightsError(f"{info.file}: tensor {info.name!r} is {info.dtype}, not a floating-point type")
+
+
+def _check_transformer_weights(tdir: Path, config: Mapping[str, Any], config_path: Path) -> None:
+    """:func:`check_tensors` on a transformer folder's weights, read as the loader reads them."""
+    if (tdir / WEIGHTS_NAME).is_file():
+        check_tensors(config, safetensors_info(tdir / WEIGHTS_NAME), tdir / WEIGHTS_NAME, config_path)
+        return
+    index = tdir / WEIGHTS_INDEX_NAME
+    weight_map = _read_index(index)
+    shards = {shard: safetensors_info(tdir / shard) for shard in sorted(set(weight_map.values()))}
+    # a tensor counts only where the index says it is: that is where loading looks
+    tensors = {name: shards[shard][name] for name, shard in weight_map.items() if name in shards[shard]}
+
+    def missing(name: str) -> str:
+        if name in weight_map:
+            return f"{tdir / weight_map[name]}: missing tensor {name!r} (listed there by {index})"
+        return f"{index}: no tensor {name!r}"
+
+    check_tensors(config, tensors, index, config_path, missing)
 
 
 def _transformer_dir(path: str | Path) -> Path:
