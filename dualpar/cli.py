@@ -8,8 +8,8 @@ import sys
 import tempfile
 import time
 
-from . import rundir
 from .config import RESUMABLE_CHANGES, Config, ConfigError, load_config
+from .output import rundir
 
 # flag -> (config key, type); each flag overrides the config file.
 _FLAGS = {

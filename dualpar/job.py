@@ -7,17 +7,15 @@ from __future__ import annotations
 import os
 import time
 
-from . import rundir
 from .config import RESUMABLE_CHANGES, Config
+from .output import rundir
 
 
 def write_stats(out: str, stats: dict) -> None:
     """Timing of the run, for benchmarks: ``stats.json`` beside the manifest."""
     import json
 
-    from .output import atomic_write
-
-    atomic_write(out, rundir.STATS, (json.dumps(stats, indent=2) + "\n").encode())
+    rundir.atomic_write(out, rundir.STATS, (json.dumps(stats, indent=2) + "\n").encode())
 
 
 class Job:
@@ -108,10 +106,10 @@ class Job:
         from . import resume
         from .comm import PeerError
         from .engine import DenoiseState
-        from .ring import log
         from .models import loader
-        from .output import RunWriter
+        from .output.writer import RunWriter
         from .progress import Progress
+        from .ring import log
 
         changed = self.cfg.differences(cfg, ignore=("sampling.prompt", "output.out") + RESUMABLE_CHANGES)
         if changed:
@@ -209,12 +207,11 @@ class Job:
     def _write_trace(self, out: str) -> None:
         import json
 
-        from .output import atomic_write
         from .trace import chrome_trace
 
         per_rank = [json.loads(b) for b in self.comm.gather_bytes(self.trace.to_json())]
         if self.rank == 0:
-            atomic_write(out, rundir.TRACE, json.dumps(chrome_trace(per_rank)).encode())
+            rundir.atomic_write(out, rundir.TRACE, json.dumps(chrome_trace(per_rank)).encode())
 
     def _summary(self, cfg: Config, loop: list[list[float]], total: float) -> None:
         from .ring import log

@@ -17,8 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from . import rundir
-from .output import atomic_write
+from .output import rundir
 
 FILE = rundir.CHECKPOINT
 FORMAT = 1
@@ -59,7 +58,7 @@ def scheduler_state(sched) -> dict:
 
 def save(out_dir: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
     data = save_safetensors(tensors, metadata={"format": str(FORMAT), "state": json.dumps(meta)})
-    return atomic_write(out_dir, FILE, data)
+    return rundir.atomic_write(out_dir, FILE, data)
 
 
 def read_meta(out_dir: str | Path) -> dict:

@@ -9,7 +9,6 @@ import time
 
 import av
 import pytest
-import torch
 from safetensors.torch import load_file
 
 # 41 latent frames in blocks of 4 (10 blocks), 4 steps: long enough to interrupt. One block may
@@ -124,7 +123,7 @@ def test_kill_then_resume_equals_uninterrupted(root, tmp_path, uninterrupted):
         os.kill(pid, signal.SIGKILL)
     p.communicate(timeout=30)
     assert manifest(out)["status"] == "running"  # killed mid-run
-    from dualpar import rundir
+    from dualpar.output import rundir
 
     assert rundir.holder(str(out)) is None  # ... and nobody holds its lock: a dead run, not a live one
     # Resume on a different number of ranks: the checkpoint is rank-count independent.

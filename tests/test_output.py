@@ -14,17 +14,13 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 from safetensors import safe_open
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, load_file, save
 
-from dualpar.output import (
-    Mp4Writer,
-    RunWriter,
-    StreamingDecoder,
-    atomic_write,
-    pixel_frames,
-    safe_join,
-    to_uint8_frames,
-)
+from dualpar.output.decode import StreamingDecoder, to_uint8_frames
+from dualpar.output.mp4 import Mp4Writer
+from dualpar.output.rundir import atomic_write, safe_join
+from dualpar.output.writer import RunWriter
+from dualpar.schedule import pixel_frames
 
 torch.set_num_threads(1)
 
@@ -210,7 +206,7 @@ CRASH_SCRIPT = """
 import os, sys, time, torch
 torch.set_num_threads(1)
 from diffusers import AutoencoderKLWan
-from dualpar.output import RunWriter
+from dualpar.output.writer import RunWriter
 torch.manual_seed(0)
 vae = AutoencoderKLWan(**{vae}).eval()
 z = torch.randn(1, 16, 9, 4, 4, generator=torch.Generator().manual_seed(1))
@@ -416,11 +412,11 @@ import json, sys, time, torch
 torch.set_num_threads(1)
 from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
-from dualpar import output
+from dualpar.output import mp4, writer
 torch.manual_seed(0)
 vae = AutoencoderKLWan(**{vae}).eval()
 blocks = torch.randn(1, 16, {frames}, 4, 4, generator=torch.Generator().manual_seed(4)).split({split}, dim=2)
-rw = output.RunWriter(sys.argv[1], vae=vae, config={{"prompt": "test"}}, seed=7, blocks_total=6, frames_total=49,
+rw = writer.RunWriter(sys.argv[1], vae=vae, config={{"prompt": "test"}}, seed=7, blocks_total=6, frames_total=49,
                       background=True)
 for i in range(3):
     rw.add_block(i, blocks[i])
@@ -429,7 +425,7 @@ with open(sys.argv[2] + ".json", "w") as f:
     json.dump(meta, f)
 save_file(tensors, sys.argv[2] + ".safetensors")
 
-append = output.Mp4Writer._append
+append = mp4.Mp4Writer._append
 def torn_append(self, data):  # block 4's fragment is half on disk when the parent kills us
     if self._sequence == 5:
         self._file.write(data[: len(data) // 2])
@@ -437,7 +433,7 @@ def torn_append(self, data):  # block 4's fragment is half on disk when the pare
         print("torn", flush=True)
         time.sleep(60)
     append(self, data)
-output.Mp4Writer._append = torn_append
+mp4.Mp4Writer._append = torn_append
 for i in range(3, 6):
     rw.add_block(i, blocks[i])
 time.sleep(60)
