@@ -44,8 +44,8 @@ class StreamingDecoder:
         self._feat_map = self.vae._feat_map
         self.latent_frames_done = 0
 
-    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Position and temporal cache, as JSON-able metadata and named CPU tensors, for :meth:`load_state`.
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Position and temporal cache, as JSON-able metadata and named CPU tensors, for :meth:`load_state_dict`.
 
         The cache (``_feat_map``) holds one entry per causal conv of the decoder: ``None``
         (not run yet), ``"Rep"`` (an upsampling conv after only the first latent frame) or
@@ -64,8 +64,8 @@ class StreamingDecoder:
         # first_chunk (the decoder's causal start) is latent_frames_done == 0
         return {"latent_frames_done": self.latent_frames_done, "feat_map": layout}, tensors
 
-    def load_state(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Continue decoding where the decoder that returned ``state()`` stopped."""
+    def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue decoding where the decoder that returned ``state_dict()`` stopped."""
         from diffusers.utils.torch_utils import get_module_execution_device
 
         self.reset()

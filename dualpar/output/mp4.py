@@ -82,7 +82,7 @@ class Mp4Writer:
     """Append RGB frames to an H.264 fragmented MP4 that stays playable if the process dies.
 
     Every :meth:`write` call becomes one MP4 fragment (``moof`` + ``mdat``) starting with
-    an IDR frame, written, flushed and fsynced before ``write`` returns. :meth:`state`
+    an IDR frame, written, flushed and fsynced before ``write`` returns. :meth:`state_dict`
     and :meth:`reopen` let a later process continue the file exactly where it stopped.
 
     Why the fragments are framed here rather than by FFmpeg's mp4 muxer: the muxer keeps
@@ -141,8 +141,8 @@ class Mp4Writer:
         self._append(init_segment)
 
     @classmethod
-    def reopen(cls, path: str | os.PathLike, state: dict) -> Mp4Writer:
-        """Continue the file ``path`` from a :meth:`state` of the writer that wrote it.
+    def reopen(cls, path: str | os.PathLike, meta: dict) -> Mp4Writer:
+        """Continue the file ``path`` from the :meth:`state_dict` meta of the writer that wrote it.
 
         Anything written after that state (whole or partial fragments) is cut off; the
         next :meth:`write` continues the frame count, decode timestamps and fragment
@@ -150,9 +150,9 @@ class Mp4Writer:
         x264 produces the SPS/PPS of its header); on failure it is left untouched.
         """
         self = cls.__new__(cls)
-        self._setup(path, state["width"], state["height"], Fraction(*state["fps"]), state["gop"], state["crf"],
-                    state["preset"])
-        size, end = self.path.stat().st_size, state["bytes_written"]
+        self._setup(path, meta["width"], meta["height"], Fraction(*meta["fps"]), meta["gop"], meta["crf"],
+                    meta["preset"])
+        size, end = self.path.stat().st_size, meta["bytes_written"]
         if end > size:
             raise ValueError(f"{self.path} has {size} bytes but the writer state expects at least {end}; "
                              "the state does not belong to this file, or the file was truncated")
@@ -162,8 +162,8 @@ class Mp4Writer:
             except RuntimeError as e:
                 raise ValueError(f"{self.path}: its first {end} bytes are not whole mp4 boxes ({e})") from None
             types = [kind for kind, _ in boxes]
-            if types != [b"ftyp", b"moov"] + [b"moof", b"mdat"] * state["sequence"]:
-                raise ValueError(f"{self.path}: expected an init segment and {state['sequence']} fragments in the "
+            if types != [b"ftyp", b"moov"] + [b"moof", b"mdat"] * meta["sequence"]:
+                raise ValueError(f"{self.path}: expected an init segment and {meta['sequence']} fragments in the "
                                  f"first {end} bytes, found boxes {b' '.join(types).decode(errors='replace')}")
             f.seek(0)
             init_segment = f.read(boxes[2][1] if len(boxes) > 2 else end)
@@ -174,11 +174,11 @@ class Mp4Writer:
         self._file.truncate(end)
         self._file.seek(end)
         os.fsync(self._file.fileno())
-        self.frames_written, self.bytes_written, self._sequence = state["frames_written"], end, state["sequence"]
+        self.frames_written, self.bytes_written, self._sequence = meta["frames_written"], end, meta["sequence"]
         return self
 
-    def state(self) -> dict:
-        """JSON-able settings and position of this writer, for :meth:`reopen`."""
+    def state_dict(self) -> tuple[dict, dict]:
+        """JSON-able settings and position of this writer, for :meth:`reopen` (no tensors)."""
         return {
             "width": self.width,
             "height": self.height,
@@ -189,7 +189,7 @@ class Mp4Writer:
             "frames_written": self.frames_written,
             "sequence": self._sequence,
             "bytes_written": self.bytes_written,
-        }
+        }, {}
 
     def _setup(self, path, width, height, fps, gop, crf, preset) -> None:
         if width <= 0 or height <= 0 or width % 2 or height % 2:

@@ -40,8 +40,8 @@ class RunWriter:
     raised by that ``add_block`` (synchronous) or by the next ``add_block``/``sync``/``finish``
     (background).
 
-    Resuming: before each engine checkpoint call :meth:`writer_state` (it syncs) and store
-    its result with the checkpoint; after a restart :meth:`resume` reopens the directory
+    Resuming: store :meth:`state_dict` (it syncs; or :meth:`when_written`, which does not
+    wait) with each engine checkpoint; after a restart :meth:`reopen` reopens the directory
     at that point and the engine adds the following blocks again.
     """
 
@@ -83,29 +83,29 @@ class RunWriter:
             "created_at": _now(),
             "updated_at": _now(),
             "finished_at": None,
-            "resumed": [],  # one entry per RunWriter.resume
+            "resumed": [],  # one entry per RunWriter.reopen
         }
         self._write_manifest()
         self._start(background, queue_blocks)
 
     @classmethod
-    def resume(
+    def reopen(
         cls,
         out_dir: str | os.PathLike,
+        meta: dict,
+        tensors: dict[str, torch.Tensor],
         *,
         vae=None,
-        state: dict,
-        tensors: dict[str, torch.Tensor],
         background: bool = False,
         queue_blocks: int = 2,
         decode: bool = True,
         save_latents: bool = True,
     ) -> RunWriter:
-        """Continue the run in ``out_dir`` from a :meth:`writer_state` ``(state, tensors)`` taken earlier.
+        """Continue the run in ``out_dir`` from a :meth:`state_dict` ``(meta, tensors)`` taken earlier.
 
         Blocks written after that state are discarded (from the video, the manifest and
         ``latents/``): the engine, resuming from the same checkpoint, adds them again,
-        starting with block ``state["blocks_written"]``, and the output ends up as an
+        starting with block ``meta["blocks_written"]``, and the output ends up as an
         uninterrupted run's. Everything is checked before the directory is touched.
         """
         out_dir = Path(out_dir).resolve()
@@ -113,37 +113,37 @@ class RunWriter:
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{out_dir} holds no run to resume (no {rundir.MANIFEST})")
         m = json.loads(manifest_path.read_text())
-        n = state["blocks_written"]
+        n = meta["blocks_written"]
         kept = m["blocks"][:n]
         if decode != (m["video"] is not None):
             raise ValueError(f"the run in {out_dir} was written with decode={m['video'] is not None}")
-        if n > len(m["blocks"]) or sum(b["latent_frames"] for b in kept) != state["latent_frames_written"]:
-            raise ValueError(f"the writer state ({n} blocks, {state['latent_frames_written']} latent frames) does "
+        if n > len(m["blocks"]) or sum(b["latent_frames"] for b in kept) != meta["latent_frames_written"]:
+            raise ValueError(f"the writer state ({n} blocks, {meta['latent_frames_written']} latent frames) does "
                              f"not match the manifest of {out_dir} ({m['blocks_written']} blocks); "
                              "is it from another run?")
-        mp4_state = state["mp4"] if decode else None
-        if decode and (mp4_state is None) != (n == 0):
+        mp4_meta = meta["mp4"] if decode else None
+        if decode and (mp4_meta is None) != (n == 0):
             raise ValueError("the writer state has no video position although blocks were written")
-        if mp4_state is not None and mp4_state["bytes_written"] != state["video_bytes"]:
+        if mp4_meta is not None and mp4_meta["bytes_written"] != meta["video_bytes"]:
             raise ValueError("inconsistent writer state: video_bytes differs from the mp4 writer's bytes_written")
 
         self = cls.__new__(cls)
-        self._setup(out_dir, vae, decode=decode, save_latents=save_latents, fps=m["fps"], gop=state["gop"])
+        self._setup(out_dir, vae, decode=decode, save_latents=save_latents, fps=m["fps"], gop=meta["gop"])
         self._next_block = n
-        self._latent_frames_accepted = state["latent_frames_written"]
+        self._latent_frames_accepted = meta["latent_frames_written"]
         if decode:
             prefix = "decoder."
-            self._decoder.load_state(
-                state["decoder"], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self._decoder.load_state_dict(
+                meta["decoder"], {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             )
-            if self._decoder.latent_frames_done != state["latent_frames_written"]:
+            if self._decoder.latent_frames_done != meta["latent_frames_written"]:
                 raise ValueError("inconsistent writer state: decoder position differs from latent_frames_written")
         video = safe_join(out_dir, rundir.VIDEO)
-        if mp4_state is not None:
+        if mp4_meta is not None:
             # Checks the file, then cuts it back to the state. (A crash right after this,
             # before the manifest below is written, leaves a manifest claiming more video
             # than there is; resuming again from the same state repairs it.)
-            self._mp4 = Mp4Writer.reopen(video, mp4_state)
+            self._mp4 = Mp4Writer.reopen(video, mp4_meta)
 
         m.update(
             status="running",
@@ -151,9 +151,9 @@ class RunWriter:
             finished_at=None,
             blocks=kept,
             blocks_written=n,
-            frames_written=state["frames_written"],
-            latent_frames_written=state["latent_frames_written"],
-            video_bytes=state["video_bytes"],
+            frames_written=meta["frames_written"],
+            latent_frames_written=meta["latent_frames_written"],
+            video_bytes=meta["video_bytes"],
             updated_at=_now(),
         )
         m.setdefault("resumed", []).append({"at": _now(), "blocks_written": n})
@@ -161,7 +161,7 @@ class RunWriter:
         self._write_manifest()
 
         # Only now (the manifest no longer lists them) remove what the dropped blocks left.
-        if decode and mp4_state is None:
+        if decode and mp4_meta is None:
             video.unlink(missing_ok=True)  # a fresh video starts with the first block
         latents_dir = out_dir / rundir.LATENTS
         for path in latents_dir.glob("block_*.safetensors"):
@@ -246,19 +246,19 @@ class RunWriter:
         if self._error is not None and not self._finished:
             self.finish()  # records the failure, re-raises
 
-    def writer_state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """What :meth:`resume` needs to continue this run exactly: JSON-able metadata and named tensors.
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What :meth:`reopen` needs to continue this run exactly: JSON-able metadata and named tensors.
 
-        Calls :meth:`sync` first. Save the tensors with safetensors next to the engine's
-        checkpoint; they are the VAE decoder's temporal cache (empty with ``decode=False``).
+        Calls :meth:`sync` first. The tensors are the VAE decoder's temporal cache (none with
+        ``decode=False``); :class:`dualpar.checkpoint.Checkpointer` stores them with the engine's.
         """
         self.sync()
         if self._finished:
             raise RuntimeError("RunWriter is finished")
         return self._state()
 
-    def checkpoint(self, save) -> None:
-        """Call ``save(meta, tensors)`` with :meth:`writer_state`'s result as soon as every block
+    def when_written(self, save) -> None:
+        """Call ``save(meta, tensors)`` with :meth:`state_dict`'s result as soon as every block
         added so far is on disk, without waiting for that here: in background mode the worker
         calls it in order, so denoising goes on while the queued blocks are decoded. A failing
         ``save`` fails the writer like a failing block."""
@@ -269,15 +269,16 @@ class RunWriter:
         if self._queue is None:
             save(*self._state())
         else:
-            self._queue.put(("checkpoint", save))
+            self._queue.put(("when_written", save))
 
     def _state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         m = self.manifest
         meta = {key: m[key] for key in ("blocks_written", "frames_written", "latent_frames_written", "video_bytes")}
-        meta.update(gop=self.gop, mp4=self._mp4.state() if self._mp4 is not None else None, decoder=None)
+        # the MP4 writer's state is metadata only (its tensors are none)
+        meta.update(gop=self.gop, mp4=self._mp4.state_dict()[0] if self._mp4 is not None else None, decoder=None)
         tensors = {}
         if self._decoder is not None:
-            meta["decoder"], cache = self._decoder.state()
+            meta["decoder"], cache = self._decoder.state_dict()
             tensors = {f"decoder.{name}": t for name, t in cache.items()}
         return meta, tensors
 
@@ -394,7 +395,7 @@ class RunWriter:
                     return
                 if self._error is not None:
                     pass  # keep draining so a blocked producer can always proceed
-                elif item[0] == "checkpoint":
+                elif item[0] == "when_written":
                     with self._span("checkpoint", "write", host=True):
                         item[1](*self._state())
                 else:
