@@ -8,8 +8,8 @@ import sys
 import tempfile
 import time
 
-from . import rundir
 from .config import RESUMABLE_CHANGES, Config, ConfigError, load_config
+from .output import rundir
 
 # flag -> (config key, type); each flag overrides the config file.
 _FLAGS = {
@@ -151,7 +151,7 @@ def config_for_resume(args: argparse.Namespace) -> Config:
     """The interrupted run's config (its manifest), with any options given now checked against it."""
     import json
 
-    from . import resume
+    from . import checkpoint
 
     pid = rundir.holder(args.resume)
     if pid is not None:
@@ -175,22 +175,22 @@ def config_for_resume(args: argparse.Namespace) -> Config:
     if diff:
         raise ConfigError(f"--resume {args.resume}: options differ from the run being resumed ({'; '.join(diff)})")
     cfg.output.out = args.resume
-    if not os.path.isfile(os.path.join(args.resume, resume.FILE)):
+    if not os.path.isfile(os.path.join(args.resume, checkpoint.FILE)):
         raise ConfigError(f"--resume {args.resume}: no checkpoint yet (the run stopped before its first one); "
                           "start it again instead")
     try:
-        meta = resume.read_meta(args.resume)
-    except resume.ResumeError as e:
+        meta = checkpoint.read_meta(args.resume)
+    except checkpoint.ResumeError as e:
         raise ConfigError(str(e)) from None
     if meta.get("run_id") != manifest.get("created_at"):
-        raise ConfigError(f"--resume {args.resume}: {resume.FILE} belongs to another run than manifest.json")
+        raise ConfigError(f"--resume {args.resume}: {checkpoint.FILE} belongs to another run than manifest.json")
     from . import schedule
 
     blocks = len(schedule.split_blocks(cfg.video.latent_frames, cfg.parallel.block))
     last = schedule.num_iterations(blocks, cfg.sampling.steps)
     it = (meta.get("engine") or {}).get("iteration")
     if not isinstance(it, int) or not 0 < it < last:
-        raise ConfigError(f"--resume {args.resume}: {resume.FILE} says iteration {it!r}, not in [1, {last}) "
+        raise ConfigError(f"--resume {args.resume}: {checkpoint.FILE} says iteration {it!r}, not in [1, {last}) "
                           "for this run; the file is damaged or was edited")
     diff = base.differences(Config.from_dict(meta["config"]), ignore=RESUMABLE_CHANGES)
     if diff:

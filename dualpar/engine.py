@@ -222,9 +222,11 @@ class DenoiseState:
 
     # -- checkpoints -----------------------------------------------------------
 
-    def to_checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        from .resume import pack, scheduler_state
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """What :meth:`load_state_dict` needs to continue the run from this iteration boundary."""
+        from .checkpoint import pack, scheduler_state
 
+        _, noise = self.noise.state_dict()  # tensors only; packed below, as FORMAT 1 files hold them
         tensors: dict[str, torch.Tensor] = {}
         meta = {
             "iteration": self.iteration,
@@ -232,12 +234,13 @@ class DenoiseState:
             "latents": pack({str(k): v for k, v in self.latents.items()}, "latents", tensors),
             "tails": pack({str(k): v for k, v in self.tails.items()}, "tails", tensors),
             "scheds": pack({str(k): scheduler_state(v) for k, v in self.scheds.items()}, "sched", tensors),
-            "noise": pack(self.noise.state(), "noise", tensors),
+            "noise": pack(noise, "noise", tensors),
         }
         return meta, tensors
 
-    def load_checkpoint(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-        from .resume import unpack
+    def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from a :meth:`state_dict` (of a run with the same config, on any number of ranks)."""
+        from .checkpoint import unpack
 
         dev = self.device
         self.iteration = meta["iteration"]
@@ -258,4 +261,4 @@ class DenoiseState:
                     value = value.to(dev)
                 setattr(s, name, value)
             self.scheds[int(k)] = s
-        self.noise.load_state(unpack(meta["noise"], tensors))
+        self.noise.load_state_dict({}, unpack(meta["noise"], tensors))

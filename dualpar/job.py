@@ -7,17 +7,15 @@ from __future__ import annotations
 import os
 import time
 
-from . import rundir
 from .config import RESUMABLE_CHANGES, Config
+from .output import rundir
 
 
 def write_stats(out: str, stats: dict) -> None:
     """Timing of the run, for benchmarks: ``stats.json`` beside the manifest."""
     import json
 
-    from .output import atomic_write
-
-    atomic_write(out, rundir.STATS, (json.dumps(stats, indent=2) + "\n").encode())
+    rundir.atomic_write(out, rundir.STATS, (json.dumps(stats, indent=2) + "\n").encode())
 
 
 class Job:
@@ -105,13 +103,13 @@ class Job:
     def _generate(self, cfg: Config, resume_run: bool, overwrite: bool) -> int:
         import signal
 
-        from . import resume
+        from . import checkpoint
         from .comm import PeerError
         from .engine import DenoiseState
-        from .ring import log
         from .models import loader
-        from .output import RunWriter
+        from .output.writer import RunWriter
         from .progress import Progress
+        from .ring import log
 
         changed = self.cfg.differences(cfg, ignore=("sampling.prompt", "output.out") + RESUMABLE_CHANGES)
         if changed:
@@ -119,7 +117,7 @@ class Job:
         engine, comm, rank, out = self.engine, self.comm, self.rank, cfg.output.out
         t_start = time.perf_counter()
         self.trace.clear()
-        writer = progress = state = checkpoint = None
+        writer = progress = state = take_checkpoint = None
         try:
             engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
             if comm.is_first:
@@ -133,35 +131,29 @@ class Job:
                 if not self.causal:
                     state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels, comm.device)
                 if resume_run:
-                    meta, tensors = resume.load(out)
-                    state.load_checkpoint(meta["engine"], tensors)
-                    wt = {k[len("writer."):]: v for k, v in tensors.items() if k.startswith("writer.")}
-                    writer = RunWriter.resume(out, state=meta["writer"], tensors=wt, **common)
+                    saved = checkpoint.load_parts(out, ("engine", "writer"))
+                    state.load_state_dict(*saved["engine"])
+                    writer = RunWriter.reopen(out, *saved["writer"], **common)
                     log(0, f"resuming {out} at iteration {state.iteration} ({state.blocks_done} blocks already written)")
                 else:
                     writer = RunWriter(out, config=cfg.to_dict(), seed=cfg.sampling.seed,
                                        blocks_total=len(engine.plan.blocks), frames_total=cfg.video.frames,
                                        fps=cfg.video.fps, gop=engine.plan.frames_of_block(len(engine.plan.blocks) - 1),
                                        **common)
-
-                def save_checkpoint(st) -> None:
-                    # The engine's state is copied now; the file is written by the writer's thread
+                if not self.causal:  # (causal runs take no checkpoints)
+                    # The engine's state is copied at each save; the writer's thread writes the file
                     # once the blocks queued before it are on disk, so denoising does not wait.
-                    emeta, etensors = st.to_checkpoint()
-                    etensors = {k: v.detach().to("cpu", copy=True) for k, v in etensors.items()}
+                    checkpointer = checkpoint.Checkpointer(
+                        out, {"engine": state, "writer": writer},
+                        info={"config": cfg.to_dict(), "run_id": writer.manifest["created_at"]})
 
-                    def save(wmeta, wtensors) -> None:
-                        tensors = {**etensors, **{f"writer.{k}": v for k, v in wtensors.items()}}
-                        resume.save(out, {"engine": emeta, "writer": wmeta, "config": cfg.to_dict(),
-                                          "run_id": writer.manifest["created_at"]}, tensors)
+                    def take_checkpoint(_state) -> None:  # the engine's state is one of the parts already
+                        checkpointer.save()
 
-                    writer.checkpoint(save)
-
-                checkpoint = None if self.causal else save_checkpoint
                 writer.trace = self.trace
                 if cfg.output.progress:
                     progress = Progress(engine.plan)
-            stats = engine.generate(writer=writer, progress=progress, state=state, checkpoint=checkpoint,
+            stats = engine.generate(writer=writer, progress=progress, state=state, checkpoint=take_checkpoint,
                                     checkpoint_every=cfg.output.checkpoint_every,
                                     should_stop=lambda: bool(self.stop_signal))
             if progress is not None:
@@ -186,7 +178,7 @@ class Job:
                 if man["status"] != "complete":  # never exit 0, never drop the checkpoint, for a partial run
                     raise RuntimeError(f"the run ended with {man['blocks_written']} of {man['blocks_total']} "
                                        f"blocks written ({man['reason']}); its checkpoint is kept")
-                resume.remove(out)  # a complete run needs no checkpoint (it can be GBs)
+                checkpoint.remove(out)  # a complete run needs no checkpoint (it can be GBs)
         except BaseException as e:
             if progress is not None:
                 progress.close()
@@ -209,12 +201,11 @@ class Job:
     def _write_trace(self, out: str) -> None:
         import json
 
-        from .output import atomic_write
         from .trace import chrome_trace
 
         per_rank = [json.loads(b) for b in self.comm.gather_bytes(self.trace.to_json())]
         if self.rank == 0:
-            atomic_write(out, rundir.TRACE, json.dumps(chrome_trace(per_rank)).encode())
+            rundir.atomic_write(out, rundir.TRACE, json.dumps(chrome_trace(per_rank)).encode())
 
     def _summary(self, cfg: Config, loop: list[list[float]], total: float) -> None:
         from .ring import log

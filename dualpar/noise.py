@@ -39,9 +39,11 @@ class NoisePool:
             out = torch.cat([extra, out], dim=2)
         return out.clone()
 
-    def state(self) -> dict:
-        return {"pool": self.pool.clone(), "gen": self.gen.get_state()}
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The pool and its generator's state (all tensors: no metadata), for :meth:`load_state_dict`."""
+        return {}, {"pool": self.pool.clone(), "gen": self.gen.get_state()}
 
-    def load_state(self, state: dict) -> None:
-        self.pool = state["pool"].clone()
-        self.gen.set_state(state["gen"])
+    def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue drawing exactly where the pool that gave ``state_dict()`` stopped."""
+        self.pool = tensors["pool"].clone()
+        self.gen.set_state(tensors["gen"])

@@ -64,7 +64,7 @@ def baseline_worker(frames: int, config: str | None) -> dict:
                    num_inference_steps=cfg.sampling.steps, guidance_scale=cfg.sampling.guidance,
                    output_type="latent").frames
     t2 = time.perf_counter()
-    from dualpar.output import StreamingDecoder
+    from dualpar.output.decode import StreamingDecoder
 
     video = StreamingDecoder(vae).decode_block(latents)  # one block = the whole video: a one-shot decode
     assert video.shape[2] == frames

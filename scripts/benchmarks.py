@@ -37,7 +37,7 @@ import bench  # noqa: E402
 import bench_causal  # noqa: E402
 import bench_speedup  # noqa: E402
 import simulate  # noqa: E402
-from dualpar.output import atomic_write  # noqa: E402
+from dualpar.output.rundir import atomic_write  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join("configs", "tiny.yaml")
 RANKS = 2  # the pipelined runs; this machine has 2 cores

@@ -840,7 +840,7 @@ def md_wan14b(res: dict) -> list[str]:
 def sec_vae(res: dict, ctx: dict) -> None:
     from diffusers import AutoencoderKLWan
 
-    from dualpar.output import StreamingDecoder
+    from dualpar.output.decode import StreamingDecoder
 
     s, dev = ctx["settings"]["vae"], ctx["device"]
     if dev.type == "cuda":

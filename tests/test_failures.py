@@ -9,7 +9,6 @@ import time
 
 import av
 import pytest
-import torch
 from safetensors.torch import load_file
 
 # 41 latent frames in blocks of 4 (10 blocks), 4 steps: long enough to interrupt. One block may
@@ -124,7 +123,7 @@ def test_kill_then_resume_equals_uninterrupted(root, tmp_path, uninterrupted):
         os.kill(pid, signal.SIGKILL)
     p.communicate(timeout=30)
     assert manifest(out)["status"] == "running"  # killed mid-run
-    from dualpar import rundir
+    from dualpar.output import rundir
 
     assert rundir.holder(str(out)) is None  # ... and nobody holds its lock: a dead run, not a live one
     # Resume on a different number of ranks: the checkpoint is rank-count independent.
@@ -191,7 +190,7 @@ def test_sigterm_stops_a_causal_run_cleanly(root, tmp_path):
 
 
 def test_resume_refuses_overwrite_and_a_damaged_checkpoint_keeping_everything(root, tmp_path):
-    from dualpar import resume
+    from dualpar import checkpoint
 
     out = stopped_after_a_checkpoint(root, tmp_path / "run")
     before = {f.name: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
@@ -201,9 +200,16 @@ def test_resume_refuses_overwrite_and_a_damaged_checkpoint_keeping_everything(ro
     assert res.returncode == 2 and "--overwrite would delete it" in res.stderr and "Traceback" not in res.stderr
     assert {f.name: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == before
     # a checkpoint whose iteration is impossible for the run: refused before anything runs, and kept
-    meta, tensors = resume.load(out)
+    meta, tensors = checkpoint.load(out)
+    # the FORMAT 1 layout, key by key, so that checkpoints of earlier runs still resume
+    assert list(meta) == ["engine", "writer", "config", "run_id"]
+    assert list(meta["engine"]) == ["iteration", "blocks_done", "latents", "tails", "scheds", "noise"]
+    assert list(meta["writer"]) == ["blocks_written", "frames_written", "latent_frames_written", "video_bytes", "gop",
+                                    "mp4", "decoder"]
+    assert {"noise.pool", "noise.gen"} <= tensors.keys()
+    assert {k.split(".")[0] for k in tensors} <= {"latents", "tails", "sched", "noise", "writer"}
     meta["engine"]["iteration"] = 10**6
-    resume.save(out, meta, tensors)
+    checkpoint.save(out, meta, tensors)
     res = subprocess.run(command(root, 1, ["--resume", str(out)]), capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "iteration 1000000" in res.stderr and "Traceback" not in res.stderr
     assert (out / "checkpoint.safetensors").is_file() and manifest(out)["status"] == "incomplete"

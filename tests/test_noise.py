@@ -34,7 +34,7 @@ def test_same_seed_same_noise_and_first_block_longer():
 def test_state_roundtrip():
     a = NoisePool(block=3, num_cat=2, channels=2, height=2, width=2, seed=1)
     a.next_block(3)
-    s = a.state()
+    s = a.state_dict()
     x = a.next_block(3)
-    a.load_state(s)
+    a.load_state_dict(*s)
     assert torch.equal(a.next_block(3), x)

@@ -1,4 +1,5 @@
-"""Tests for dualpar.output: streaming VAE decode, durable fragmented MP4, run directory."""
+"""Tests for dualpar.output (streaming VAE decode, durable fragmented MP4, run directory) and the checkpoint
+file a run resumes from."""
 
 import json
 import os
@@ -14,17 +15,14 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 from safetensors import safe_open
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, load_file, save
 
-from dualpar.output import (
-    Mp4Writer,
-    RunWriter,
-    StreamingDecoder,
-    atomic_write,
-    pixel_frames,
-    safe_join,
-    to_uint8_frames,
-)
+from dualpar import checkpoint
+from dualpar.output.decode import StreamingDecoder, to_uint8_frames
+from dualpar.output.mp4 import Mp4Writer
+from dualpar.output.rundir import atomic_write, safe_join
+from dualpar.output.writer import RunWriter
+from dualpar.schedule import pixel_frames
 
 torch.set_num_threads(1)
 
@@ -210,7 +208,7 @@ CRASH_SCRIPT = """
 import os, sys, time, torch
 torch.set_num_threads(1)
 from diffusers import AutoencoderKLWan
-from dualpar.output import RunWriter
+from dualpar.output.writer import RunWriter
 torch.manual_seed(0)
 vae = AutoencoderKLWan(**{vae}).eval()
 z = torch.randn(1, 16, 9, 4, 4, generator=torch.Generator().manual_seed(1))
@@ -391,7 +389,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, vae, uninterrupte
     for i in range(checkpoint_after):
         rw.add_block(i, blocks[i])
     rw.sync()
-    meta, tensors = rw.writer_state()
+    meta, tensors = rw.state_dict()
     # Progress after the checkpoint, lost in the "crash". Serializing the state only now also
     # checks that it does not change with the writer (the decoder replaces cache entries).
     rw.add_block(checkpoint_after, blocks[checkpoint_after])
@@ -400,7 +398,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, vae, uninterrupte
         assert rw.finish(complete=False, reason="stopped")["status"] == "incomplete"
     del rw  # "abandon": no finish(), as if the process had died
 
-    resumed = RunWriter.resume(out, vae=vae, state=meta, tensors=tensors)
+    resumed = RunWriter.reopen(out, meta, tensors, vae=vae)
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["status"] == "running" and on_disk["blocks_written"] == checkpoint_after
     assert on_disk["resumed"][-1]["blocks_written"] == checkpoint_after
@@ -416,20 +414,20 @@ import json, sys, time, torch
 torch.set_num_threads(1)
 from diffusers import AutoencoderKLWan
 from safetensors.torch import save_file
-from dualpar import output
+from dualpar.output import mp4, writer
 torch.manual_seed(0)
 vae = AutoencoderKLWan(**{vae}).eval()
 blocks = torch.randn(1, 16, {frames}, 4, 4, generator=torch.Generator().manual_seed(4)).split({split}, dim=2)
-rw = output.RunWriter(sys.argv[1], vae=vae, config={{"prompt": "test"}}, seed=7, blocks_total=6, frames_total=49,
+rw = writer.RunWriter(sys.argv[1], vae=vae, config={{"prompt": "test"}}, seed=7, blocks_total=6, frames_total=49,
                       background=True)
 for i in range(3):
     rw.add_block(i, blocks[i])
-meta, tensors = rw.writer_state()  # the checkpoint
+meta, tensors = rw.state_dict()  # the checkpoint
 with open(sys.argv[2] + ".json", "w") as f:
     json.dump(meta, f)
 save_file(tensors, sys.argv[2] + ".safetensors")
 
-append = output.Mp4Writer._append
+append = mp4.Mp4Writer._append
 def torn_append(self, data):  # block 4's fragment is half on disk when the parent kills us
     if self._sequence == 5:
         self._file.write(data[: len(data) // 2])
@@ -437,7 +435,7 @@ def torn_append(self, data):  # block 4's fragment is half on disk when the pare
         print("torn", flush=True)
         time.sleep(60)
     append(self, data)
-output.Mp4Writer._append = torn_append
+mp4.Mp4Writer._append = torn_append
 for i in range(3, 6):
     rw.add_block(i, blocks[i])
 time.sleep(60)
@@ -461,7 +459,7 @@ def test_resume_after_sigkill_mid_write(tmp_path, vae, uninterrupted):
     assert (out / "latents" / "block_00004.safetensors").exists()  # latents go first
 
     meta = json.loads(Path(f"{ckpt}.json").read_text())
-    resumed = RunWriter.resume(out, vae=vae, state=meta, tensors=load_file(f"{ckpt}.safetensors"), background=True)
+    resumed = RunWriter.reopen(out, meta, load_file(f"{ckpt}.safetensors"), vae=vae, background=True)
     for i, block in enumerate(blocks6()[3:], start=3):
         resumed.add_block(i, block)
     resumed.finish()
@@ -476,7 +474,7 @@ def checkpointed(tmp_path, vae):
     rw = new_run6(out, vae)
     for i in range(3):
         rw.add_block(i, blocks[i])
-    state = roundtrip(*rw.writer_state())
+    state = roundtrip(*rw.state_dict())
     rw.add_block(3, blocks[3])
     return out, *state
 
@@ -509,7 +507,7 @@ def test_resume_refuses_a_state_that_does_not_fit(checkpointed, vae, corrupt, er
     corrupt(out, meta)
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     with pytest.raises(error, match=match):
-        RunWriter.resume(out, vae=vae, state=meta, tensors=tensors)
+        RunWriter.reopen(out, meta, tensors, vae=vae)
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing touched
 
 
@@ -517,21 +515,21 @@ def test_resume_refuses_a_state_from_another_run(checkpointed, vae):
     out, meta, tensors = checkpointed
     meta["latent_frames_written"] += 1
     with pytest.raises(ValueError, match="does not match the manifest"):
-        RunWriter.resume(out, vae=vae, state=meta, tensors=tensors)
+        RunWriter.reopen(out, meta, tensors, vae=vae)
     with pytest.raises(ValueError, match="decode=True"):
-        RunWriter.resume(out, state=meta, tensors=tensors, decode=False)
+        RunWriter.reopen(out, meta, tensors, decode=False)
 
 
 def test_decoder_state_round_trip_keeps_rep_entries(vae):
     z = latents(5, seed=8)
     dec = StreamingDecoder(vae)
     first = dec.decode_block(z[:, :, :1])
-    meta, tensors = roundtrip(*dec.state())
+    meta, tensors = roundtrip(*dec.state_dict())
     # After one latent frame the temporal upsamplers hold "Rep"; two counted convs never get a cache entry.
     assert set(meta["feat_map"]) == {"tensor", "Rep", None}
     assert meta["latent_frames_done"] == 1 and len(tensors) == meta["feat_map"].count("tensor")
     resumed = StreamingDecoder(vae)
-    resumed.load_state(meta, tensors)
+    resumed.load_state_dict(meta, tensors)
     assert torch.equal(torch.cat([first, resumed.decode_block(z[:, :, 1:])], dim=2), one_shot(vae, z))
 
 
@@ -563,12 +561,12 @@ def test_queued_checkpoint_describes_every_block_added_before_it(tmp_path, vae):
     for i in range(3):
         rw.add_block(i, blocks[i])
         if i == 1:
-            rw.checkpoint(lambda meta, tensors: seen.append((meta, {k: v.clone() for k, v in tensors.items()})))
+            rw.when_written(lambda meta, tensors: seen.append((meta, {k: v.clone() for k, v in tensors.items()})))
     rw.finish(complete=False)
     ref = new_run6(tmp_path / "sync", vae)
     for i in range(2):
         ref.add_block(i, blocks[i])
-    want_meta, want_tensors = ref.writer_state()
+    want_meta, want_tensors = ref.state_dict()
     ((meta, tensors),) = seen
     assert meta["blocks_written"] == 2 and meta == want_meta
     assert tensors.keys() == want_tensors.keys() and all(torch.equal(tensors[k], want_tensors[k]) for k in tensors)
@@ -579,13 +577,71 @@ def test_resume_without_decoding(tmp_path):
     out = tmp_path / "run"
     rw = RunWriter(out, config={}, seed=0, blocks_total=3, frames_total=33, decode=False)
     rw.add_block(0, latents(3))
-    meta, tensors = roundtrip(*rw.writer_state())
+    meta, tensors = roundtrip(*rw.state_dict())
     assert tensors == {} and meta["decoder"] is None and meta["mp4"] is None
     rw.add_block(1, latents(2))
-    resumed = RunWriter.resume(out, state=meta, tensors=tensors, decode=False)
+    resumed = RunWriter.reopen(out, meta, tensors, decode=False)
     with pytest.raises(ValueError, match="expected block 1, got 2"):
         resumed.add_block(2, latents(4))
     resumed.add_block(1, latents(2))
     resumed.add_block(2, latents(4))
     m = resumed.finish()
     assert m["status"] == "complete" and [b["latent_start"] for b in m["blocks"]] == [0, 3, 5]
+
+
+# -- the checkpoint file ------------------------------------------------------------------
+
+
+WRITER_META = ["blocks_written", "frames_written", "latent_frames_written", "video_bytes", "gop", "mp4", "decoder"]
+"""The writer's meta in a FORMAT 1 checkpoint, key by key (files of earlier runs must still resume)."""
+
+
+class Counter:
+    """A minimal stateful part standing in for the engine: a step count and a tensor."""
+
+    def __init__(self):
+        self.step, self.x = 0, torch.zeros(2)
+
+    def state_dict(self):
+        return {"step": self.step}, {"x": self.x}
+
+    def load_state_dict(self, meta, tensors):
+        self.step, self.x = meta["step"], tensors["x"].clone()
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_checkpointer_writes_the_format_1_layout_and_resumes_exactly(tmp_path, vae, uninterrupted, background):
+    blocks = blocks6()
+    out = tmp_path / "run"
+    rw = new_run6(out, vae, background=background)
+    engine = Counter()
+    ckpt = checkpoint.Checkpointer(out, {"engine": engine, "writer": rw},
+                                   info={"config": {"prompt": "test"}, "run_id": "run 1"})
+    for i in range(2):
+        rw.add_block(i, blocks[i])
+    engine.step, engine.x = 1, torch.ones(2)
+    ckpt.save()
+    engine.x.add_(5)  # the engine goes on while the writer still decodes: not in the checkpoint
+    rw.add_block(2, blocks[2])  # added after the checkpoint: not in it either
+    rw.finish(complete=False, reason="stopped")
+
+    with safe_open(out / "checkpoint.safetensors", "pt") as f:
+        md, keys = f.metadata(), set(f.keys())
+    assert md.keys() == {"format", "state"} and md["format"] == "1"
+    state = json.loads(md["state"])
+    assert list(state) == ["engine", "writer", "config", "run_id"]  # parts in order, then the info
+    assert state["engine"] == {"step": 1} and state["config"] == {"prompt": "test"} and state["run_id"] == "run 1"
+    assert list(state["writer"]) == WRITER_META and state["writer"]["blocks_written"] == 2
+    assert list(state["writer"]["decoder"]) == ["latent_frames_done", "feat_map"]
+    # the engine's tensors at the top level, every other part's under its name
+    assert "x" in keys and all(k == "x" or k.startswith("writer.decoder.feat_map.") for k in keys)
+
+    parts = checkpoint.load_parts(out, ("engine", "writer"))
+    restored = Counter()
+    restored.load_state_dict(*parts["engine"])
+    assert restored.step == 1 and torch.equal(restored.x, torch.ones(2))
+    resumed = RunWriter.reopen(out, *parts["writer"], vae=vae, background=background)
+    for i in range(2, 6):
+        resumed.add_block(i, blocks[i])
+    resumed.finish()
+    assert_same_run(out, uninterrupted)

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from dualpar import cli, rundir
+from dualpar import cli
+from dualpar.output import rundir
 
 BASE = ["--no-progress", "--no-decode", "--frames", "33", "--height", "32", "--width", "32", "--block", "4"]
 
@@ -72,8 +73,8 @@ def test_a_live_run_is_neither_overwritten_nor_resumed(tmp_path, capsys):
 
 def test_the_lock_of_a_killed_process_is_free(tmp_path):
     run = tmp_path / "run"
-    code = (f"import sys, time; sys.path.insert(0, {os.path.dirname(os.path.dirname(rundir.__file__))!r}); "
-            f"from dualpar import rundir; rundir.Lock({str(run)!r}).acquire(); print('locked', flush=True); "
+    code = (f"import sys, time; sys.path.insert(0, {os.path.dirname(os.path.dirname(cli.__file__))!r}); "
+            f"from dualpar.output import rundir; rundir.Lock({str(run)!r}).acquire(); print('locked', flush=True); "
             "time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"

@@ -1,5 +1,6 @@
-"""A run directory: the names of everything a run writes, declared once; what is ours in a
-directory, removing only that; and the lock that tells a live run from a dead one.
+"""A run directory: the names of everything a run writes, declared once; writing there safely
+(paths kept inside, atomic replacement); what is ours in a directory, removing only that; and
+the lock that tells a live run from a dead one.
 
 Light on purpose (no torch): validation uses it before anything heavy is imported.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import tempfile
+from pathlib import Path
 
 MANIFEST = "manifest.json"
 VIDEO = "video.mp4"
@@ -109,3 +112,51 @@ def holder(path: str) -> str | None:
     finally:
         os.close(fd)
     return None
+
+
+def safe_join(root: str | os.PathLike, relpath: str | os.PathLike) -> Path:
+    """``root / relpath``, refusing anything (``..``, absolute paths, symlinks) that resolves outside ``root``."""
+    root = Path(root).resolve()
+    path = (root / relpath).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise ValueError(f"path {str(relpath)!r} escapes the output directory {str(root)!r}")
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(root: str | os.PathLike, relpath: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``root/relpath`` so readers see either the old or the new file, never a partial one."""
+    path = safe_join(root, relpath)
+    if not path.parent.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(path.parent.parent)  # make the new directory's entry durable too
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.chmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; give it a normal file's mode
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)  # make the rename itself durable
+    return path
+
+
+def _read_umask() -> int:
+    # os.umask can only be read by setting it, so it is read once, at import
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
