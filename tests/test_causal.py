@@ -1,16 +1,14 @@
-"""Causal mode through the real launcher: KV-cached generation equals a cache-free recompute,
+"""Causal mode through ``launch/gen.py``: KV-cached generation equals a cache-free recompute,
 Focused Forcing with a full budget equals the full cache, N ranks equal 1 rank."""
 
 import json
-import os
-import subprocess
-import sys
 
 import av
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import gen
 from dualpar.config import Config
 from dualpar.models import loader
 from dualpar.models.tiny import tiny_transformer
@@ -162,9 +160,7 @@ def test_bad_causal_options_fail_before_loading(root, tmp_path, args, message):
 
 
 def test_prompt_schedule_needs_causal_mode(root, tmp_path):
-    cmd = [sys.executable, os.path.join(root, "launch", "gen.py"), "--prompt", "a | 13: b", "--frames", "49",
-           "--out", str(tmp_path / "x")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    res = gen(1, ["--prompt", "a | 13: b", "--frames", "49", "--out", str(tmp_path / "x")], expect=None)
     assert res.returncode == 2 and "needs --mode causal" in res.stderr
 
 
@@ -174,8 +170,7 @@ def test_causal_runs_are_not_resumable(root, tmp_path):
     data = json.loads(man.read_text())
     data["status"] = "incomplete"
     man.write_text(json.dumps(data))
-    res = subprocess.run([sys.executable, os.path.join(root, "launch", "gen.py"), "--resume", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=120)
+    res = gen(1, ["--resume", str(tmp_path / "r")], expect=None)
     assert res.returncode == 2 and "cannot be resumed" in res.stderr
 
 

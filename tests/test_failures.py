@@ -3,13 +3,13 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import av
 import pytest
 from safetensors.torch import load_file
+
+from conftest import gen, start
 
 # 41 latent frames in blocks of 4 (10 blocks), 4 steps: long enough to interrupt. One block may
 # wait for the writer, so denoising cannot finish far ahead of what is on disk.
@@ -18,17 +18,14 @@ ARGS = ["--frames", "161", "--height", "32", "--width", "48", "--block", "4", "-
         "--set", "output.queue_blocks=1", "--seed", "5", "--no-progress"]
 
 
-def command(root, n, extra):
-    cmd = [sys.executable]
-    if n > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    return cmd + [os.path.join(root, "launch", "gen.py"), *ARGS, *extra]
+def start_run(n, out, extra=()):
+    """The real launcher (the signal and kill tests are about it), not waited for."""
+    return start(n, [*ARGS, "--out", str(out), *extra])
 
 
-def start(root, n, out, extra=()):
-    return subprocess.Popen(command(root, n, ["--out", str(out), *extra]), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            start_new_session=True)
+def run(n, extra, timeout=300):
+    """A run to its end (resumes, refusals): forked, exit status returned, not asserted."""
+    return gen(n, [*ARGS, *extra], expect=None, timeout=timeout)
 
 
 def manifest(out):
@@ -75,7 +72,7 @@ def latents(out):
 
 def stopped_after_a_checkpoint(root, out):
     """A 1-rank run stopped by SIGTERM once it has written a checkpoint (resumable, incomplete)."""
-    p = start(root, 1, out)
+    p = start_run(1, out)
     wait_for(lambda: (out / "checkpoint.safetensors").is_file(), 300, "a checkpoint")
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=120)
@@ -85,16 +82,14 @@ def stopped_after_a_checkpoint(root, out):
 @pytest.fixture(scope="module")
 def uninterrupted(root, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    p = start(root, 1, out, ["--no-decode"])
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err
+    gen(1, [*ARGS, "--out", str(out), "--no-decode"], timeout=600)
     return latents(out)
 
 
 @pytest.mark.parametrize("n,victim", [(2, 1), (3, 1), (3, 2)])
 def test_sigkill_of_a_rank_ends_the_run_cleanly(root, tmp_path, n, victim):
     out = tmp_path / "run"
-    p = start(root, n, out)
+    p = start_run(n, out)
     wait_for(lambda: (manifest(out) or {}).get("blocks_written", 0) >= 2, 300, "two blocks")
     wait_for(lambda: rank_pid(out, victim) is not None, 30, "the victim's pid")
     os.kill(rank_pid(out, victim), signal.SIGKILL)
@@ -115,7 +110,7 @@ def test_sigkill_of_a_rank_ends_the_run_cleanly(root, tmp_path, n, victim):
 
 def test_kill_then_resume_equals_uninterrupted(root, tmp_path, uninterrupted):
     out = tmp_path / "run"
-    p = start(root, 2, out)
+    p = start_run(2, out)
     wait_for(lambda: (out / "checkpoint.safetensors").is_file(), 300, "a checkpoint")
     # The whole job, launcher included: nothing gets to clean up.
     pids = [rank_pid(out, r) for r in range(2)]
@@ -127,8 +122,7 @@ def test_kill_then_resume_equals_uninterrupted(root, tmp_path, uninterrupted):
 
     assert rundir.holder(str(out)) is None  # ... and nobody holds its lock: a dead run, not a live one
     # Resume on a different number of ranks: the checkpoint is rank-count independent.
-    res = subprocess.run(command(root, 3, ["--resume", str(out)]), capture_output=True, text=True,
-                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = run(3, ["--resume", str(out)], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     man = manifest(out)
     assert man["status"] == "complete" and man["blocks_written"] == man["blocks_total"] == 10
@@ -141,7 +135,7 @@ def test_kill_then_resume_equals_uninterrupted(root, tmp_path, uninterrupted):
 @pytest.mark.parametrize("n", [1, 2])
 def test_sigterm_finalizes_and_resumes(root, tmp_path, uninterrupted, n):
     out = tmp_path / "run"
-    p = start(root, n, out)
+    p = start_run(n, out)
     wait_for(lambda: (manifest(out) or {}).get("blocks_written", 0) >= 2, 300, "two blocks")
     p.send_signal(signal.SIGTERM)  # to the launcher (torchrun forwards it) or the single process
     t0 = time.time()
@@ -153,8 +147,7 @@ def test_sigterm_finalizes_and_resumes(root, tmp_path, uninterrupted, n):
     assert man["status"] == "incomplete" and "SIGTERM" in man["reason"] and "--resume" in man["reason"], man
     assert decoded_frames(out / "video.mp4") == man["frames_written"] > 0  # finalized: exactly what it says
     assert (out / "checkpoint.safetensors").is_file()
-    res = subprocess.run(command(root, n, ["--resume", str(out)]), capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = run(n, ["--resume", str(out)], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     man = manifest(out)
     assert man["status"] == "complete" and man["frames_written"] == man["frames_total"] == 161
@@ -170,13 +163,13 @@ def test_stale_checkpoint_of_another_run_is_refused(root, tmp_path):
     man = manifest(out)
     man["created_at"] = "another run"
     (out / "manifest.json").write_text(json.dumps(man))
-    res = subprocess.run(command(root, 1, ["--resume", str(out)]), capture_output=True, text=True, timeout=120)
+    res = run(1, ["--resume", str(out)], timeout=120)
     assert res.returncode == 2 and "belongs to another run" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_sigterm_stops_a_causal_run_cleanly(root, tmp_path):
     out = tmp_path / "causal"
-    p = start(root, 2, out, ["--mode", "causal", "--policy", "window", "--budget", "4"])
+    p = start_run(2, out, ["--mode", "causal", "--policy", "window", "--budget", "4"])
     wait_for(lambda: (manifest(out) or {}).get("blocks_written", 0) >= 2, 300, "two chunks")
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
@@ -195,8 +188,7 @@ def test_resume_refuses_overwrite_and_a_damaged_checkpoint_keeping_everything(ro
     out = stopped_after_a_checkpoint(root, tmp_path / "run")
     before = {f.name: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
     # --overwrite with --resume would delete the very run being resumed: refused, nothing touched
-    res = subprocess.run(command(root, 1, ["--resume", str(out), "--overwrite"]), capture_output=True, text=True,
-                         timeout=120)
+    res = run(1, ["--resume", str(out), "--overwrite"], timeout=120)
     assert res.returncode == 2 and "--overwrite would delete it" in res.stderr and "Traceback" not in res.stderr
     assert {f.name: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()} == before
     # a checkpoint whose iteration is impossible for the run: refused before anything runs, and kept
@@ -210,21 +202,18 @@ def test_resume_refuses_overwrite_and_a_damaged_checkpoint_keeping_everything(ro
     assert {k.split(".")[0] for k in tensors} <= {"latents", "tails", "sched", "noise", "writer"}
     meta["engine"]["iteration"] = 10**6
     checkpoint.save(out, meta, tensors)
-    res = subprocess.run(command(root, 1, ["--resume", str(out)]), capture_output=True, text=True, timeout=120)
+    res = run(1, ["--resume", str(out)], timeout=120)
     assert res.returncode == 2 and "iteration 1000000" in res.stderr and "Traceback" not in res.stderr
     assert (out / "checkpoint.safetensors").is_file() and manifest(out)["status"] == "incomplete"
 
 
 def test_out_is_resolved_once(root, tmp_path):
     out = tmp_path / "base" / "nowhere" / ".." / "run"  # where the files land: base/run
-    res = subprocess.run(command(root, 1, ["--out", str(out), "--no-decode"]), capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = run(1, ["--out", str(out), "--no-decode"], timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     real = tmp_path / "base" / "run"
     assert manifest(real)["status"] == "complete" and not (real / "checkpoint.safetensors").exists()
-    again = subprocess.run(command(root, 1, ["--out", str(real), "--no-decode"]), capture_output=True, text=True,
-                           timeout=120)
+    again = run(1, ["--out", str(real), "--no-decode"], timeout=120)
     assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
-    again = subprocess.run(command(root, 1, ["--out", str(out), "--no-decode"]), capture_output=True, text=True,
-                           timeout=120)
+    again = run(1, ["--out", str(out), "--no-decode"], timeout=120)
     assert again.returncode == 2 and "already holds a run" in again.stderr

@@ -1,4 +1,4 @@
-"""A diffusers-format model folder through the real launcher: per-rank loading, exact outputs, clean errors."""
+"""A diffusers-format model folder through ``launch/gen.py``: per-rank loading, exact outputs, clean errors."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import gen
 from test_parallel import ARGS, launch, read_blocks, reference
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -35,12 +36,9 @@ def test_two_ranks_from_model_folder_equal_the_preset_reference(root, tmp_path, 
     assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-5
 
 
-def run_bad(root, args, n=1):
-    cmd = [sys.executable]
-    if n > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
-    cmd += [os.path.join(root, "launch", "gen.py"), *ARGS, "--no-decode", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+def run_bad(root, args, n=1, launcher="fork"):
+    """A run that must be refused (exit status returned, not asserted)."""
+    return gen(n, [*ARGS, "--no-decode", *args], launcher=launcher, expect=None, timeout=120)
 
 
 @pytest.mark.parametrize("breakage,named", [
@@ -79,7 +77,7 @@ def test_broken_model_folder_stops_every_rank(root, tmp_path, tiny_dir):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_dir, bad)
     (bad / "transformer" / "config.json").unlink()
-    res = run_bad(root, ["--model", str(bad)], n=2)
+    res = run_bad(root, ["--model", str(bad)], n=2, launcher="real")  # what torchrun shows the user
     assert res.returncode != 0
     assert res.stderr.count("error: --model") == 1  # printed once, by rank 0
 
@@ -211,7 +209,7 @@ def test_corrupt_weights_are_one_clear_error_before_loading(root, tmp_path, tiny
     extra, named, what = CORRUPTIONS[kind](bad, tmp_path)
     args = ["--model", str(bad), *extra, "--out", str(tmp_path / "out")]
     if kind in THROUGH_LAUNCHER:
-        res = run_bad(root, args)
+        res = run_bad(root, args, launcher="real")
         code, err = res.returncode, res.stderr
     else:
         from dualpar import cli

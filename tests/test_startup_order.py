@@ -99,10 +99,8 @@ MODES = {
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_recorded_order_does_not_deadlock_under_nccl_rules(root, tmp_path, monkeypatch, n, mode):
-    prefix = tmp_path / "p2p"
-    monkeypatch.setenv("DUALPAR_P2P_LOG", str(prefix))
-    launch(root, n, tmp_path / "run", MODES[mode])
+def test_recorded_order_does_not_deadlock_under_nccl_rules(root, tmp_path, n, mode):
+    launch(root, n, tmp_path / "run", MODES[mode], env={"DUALPAR_P2P_LOG": str(tmp_path / "p2p")})
     logs = [json.loads((tmp_path / f"p2p.rank{r}.json").read_text()) for r in range(n)]
     assert all(any(o["op"] == "send" and o["task"] >= 0 for o in log) for log in logs)  # the ring really ran
     assert replay(logs) is None
