@@ -1,4 +1,11 @@
-"""Command line of ``launch/gen.py``: parse, validate (before anything heavy), run one :class:`~dualpar.job.Job`."""
+"""Command line of ``launch/gen.py``: parse, validate (before anything heavy), run one :class:`~dualpar.job.Job`,
+or start ``--nproc`` local ranks of it.
+
+Validation runs in two phases so that bad input costs no heavy import: first
+everything torch is not needed for (options, config file, prompts, launcher
+environment, output directory), then what needs torch or the model folder
+(the model, the layer split, the attention kernel, ``--device``).
+"""
 
 from __future__ import annotations
 
@@ -8,19 +15,21 @@ import sys
 import tempfile
 import time
 
-from .config import RESUMABLE_CHANGES, Config, ConfigError, load_config
+from .config import (CAUSAL_POLICIES, DTYPES, MODES, RESUMABLE_CHANGES, SCHEDULERS, Config, ConfigError, check_text,
+                     load_config)
 from .output import rundir
 
-# flag -> (config key, type); each flag overrides the config file.
+# flag -> (config key, type, help); each flag overrides the config file.
 _FLAGS = {
     "frames": ("video.frames", int, "output frames, 4k+1 (1025 = 257 latent frames)"),
     "height": ("video.height", int, "frame height in pixels (multiple of 16)"),
     "width": ("video.width", int, "frame width in pixels (multiple of 16)"),
     "fps": ("video.fps", int, "frame rate of the MP4"),
-    "prompt": ("sampling.prompt", str, "text prompt; causal mode also takes a schedule 'text | FRAME: text | ...'"),
+    "prompt": ("sampling.prompt", str,
+               "text prompt; causal mode also takes a schedule 'text | FRAME: text | ...' (\\| is a literal |)"),
     "negative_prompt": ("sampling.negative_prompt", str, "negative prompt for guidance"),
     "steps": ("sampling.steps", int, "denoising steps per block"),
-    "scheduler": ("sampling.scheduler", str, "unipc or euler"),
+    "scheduler": ("sampling.scheduler", str, "denoising scheduler"),
     "flow_shift": ("sampling.flow_shift", float, "flow-matching timestep shift"),
     "guidance": ("sampling.guidance", float, "classifier-free guidance scale (<= 1: off)"),
     "seed": ("sampling.seed", int, "noise seed"),
@@ -28,23 +37,62 @@ _FLAGS = {
     "block": ("parallel.block", int, "latent frames per block"),
     "num_cat": ("parallel.num_cat", int, "context latent frames per neighbour"),
     "chunk": ("causal.chunk", int, "causal mode: latent frames per chunk"),
-    "policy": ("causal.policy", str, "causal mode: KV selection (full, window, topk, focused)"),
+    "policy": ("causal.policy", str, "causal mode: which committed frames each query frame attends to"),
     "budget": ("causal.budget", float, "causal mode: frames attended per query frame (< 1: fraction of the video)"),
     "model": ("model.path", str, "local diffusers-format Wan2.1 T2V folder (default: the tiny preset)"),
     "transformer_file": ("model.transformer_file", str, "transformer weights in original Wan naming, replacing the folder's"),
-    "dtype": ("model.dtype", str, "float32, bfloat16 or float16"),
-    "out": ("output.out", str, "output directory"),
+    "dtype": ("model.dtype", str, "compute dtype of the transformer"),
+    "out": ("output.out", str, "output directory (default: outputs/run-DATE-TIME)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+_CHOICES = {"model.dtype": DTYPES, "sampling.scheduler": SCHEDULERS, "sampling.mode": MODES,
+            "causal.policy": CAUSAL_POLICIES}
+
+
+def choices(key: str) -> tuple[str, ...] | None:
+    """The values config.py allows for an enumerated config key (None: not enumerated)."""
+    return _CHOICES.get(key)
+
+
+def _default(key: str) -> str:
+    """``; default X`` for --help, from the config dataclasses (long or empty texts left out)."""
+    section, _, name = key.partition(".")
+    value = getattr(getattr(Config(), section), name)
+    if value == "" or (isinstance(value, str) and len(value) > 40):
+        return ""
+    return f"; default {value}"
+
+
+def reports_errors() -> bool:
+    """Whether this process prints bad input: rank 0, or a process no launcher started (every rank
+    finds the same problem; one line is enough)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's bad-input rule: one line ``error: ...`` on stderr (rank 0), exit 2."""
+
+    def error(self, message: str):
+        if reports_errors():
+            print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser(local_launch: bool = True) -> argparse.ArgumentParser:
+    """The options of ``launch/gen.py`` (``local_launch``: with ``--nproc``; Ray's driver has its own)."""
+    p = _Parser(
         prog="gen.py",
         description="Block-wise pipelined long-video generation (DualParal) over frame blocks and DiT layers.",
     )
     p.add_argument("--config", help="YAML config file (sections: model, video, sampling, parallel, causal, output)")
     for flag, (key, typ, help_) in _FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=f"{help_} [{key}]")
+        allowed = choices(key)
+        # The allowed values are shown, not enforced here: validation names the config key for
+        # flags and config files alike.
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ,
+                       metavar="{" + ",".join(allowed) + "}" if allowed else None,
+                       help=f"{help_} [{key}{_default(key)}]")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key (YAML value syntax), repeatable")
     p.add_argument("--no-decode", action="store_true", help="skip VAE decode and MP4; write latents and manifest")
@@ -55,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", action="store_true", help="write trace.json (Chrome trace of every rank's timeline)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per rank (default 1: ranks share the cores)")
+    if local_launch:
+        p.add_argument("--nproc", type=int, metavar="N",
+                       help="start N ranks on this machine (torch's elastic launcher, as torchrun --standalone "
+                            "--nproc-per-node N does); default: one rank, or the ranks a launcher started")
     return p
 
 
@@ -88,8 +140,8 @@ def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Co
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory, to touch anything that is not a run's, to take over
-    a live run, or to start when the directory cannot be written."""
+    """Refuse to mix two runs in one directory, to touch anything that is not a run's, or to take over
+    a live run (reads only: :func:`probe_output_dir` writes)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--out {path} exists and is not a directory")
     pid = rundir.holder(path)
@@ -108,6 +160,11 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ConfigError(f"--out {path}: {parent} is a file, not a directory")
+
+
+def probe_output_dir(path: str) -> None:
+    """Create ``path`` and write a file there, the last check before a run starts: refuse to start
+    when the directory cannot be written."""
     # Try it: os.access says yes to root even where nothing can be written (e.g. /proc).
     created = not os.path.exists(path)
     try:
@@ -121,8 +178,9 @@ def check_output_dir(path: str, overwrite: bool) -> None:
         raise ConfigError(f"--out {path} is not writable ({e.strerror or e})") from None
 
 
-def check_device(name: str, backend: str = "auto") -> str:
-    """The device this rank uses for ``--device name`` (bare ``cuda`` means ``cuda:LOCAL_RANK``)."""
+def check_device(name: str, backend: str = "auto", local_ranks: int | None = None) -> str:
+    """The device this rank uses for ``--device name`` (bare ``cuda`` means ``cuda:LOCAL_RANK``);
+    ``local_ranks``: the ranks on this machine (default: the launcher's LOCAL_WORLD_SIZE)."""
     import torch
 
     try:
@@ -135,7 +193,8 @@ def check_device(name: str, backend: str = "auto") -> str:
         return "cpu"
     if not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_ranks is None:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     shared = backend == "gloo"  # gloo stages through host memory: ranks may share a GPU
     if dev.index is not None and local_ranks > 1 and not shared:
         raise ConfigError(f"--device {name}: {local_ranks} ranks on this machine cannot share one GPU under NCCL; "
@@ -199,20 +258,15 @@ def config_for_resume(args: argparse.Namespace) -> Config:
 
 
 def validated_config(args: argparse.Namespace, world: int) -> Config:
-    """The run's config from the command line (or the run being resumed), fully checked; no model is built."""
-    from .models.loader import check_model, num_layers
-
+    """The run's config from the command line (or the run being resumed), checked as far as it can be
+    without torch or the model folder (those checks: :func:`check_runtime`)."""
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues the run in DIR; --overwrite would delete it first. Drop --overwrite")
     cfg = config_for_resume(args) if args.resume else config_from_args(args)
     cfg.validate(world_size=world)
-    check_model(cfg)
-    cfg.validate(world_size=world, num_layers=num_layers(cfg))
-    from .comm import default_device
-    from .models import attention
-
-    device = getattr(args, "device", None) or default_device(cfg.parallel.backend)
-    attention.check(cfg.model.attention, device.split(":")[0])
+    check_text(cfg.sampling.negative_prompt, "sampling.negative_prompt")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise ConfigError(f"--threads must be in [1, 1024], got {args.threads}")
     if not cfg.output.out:
         cfg.output.out = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
     # One spelling of the directory from here on ("a/x/../run" is "a/run"), for every check and file.
@@ -220,23 +274,94 @@ def validated_config(args: argparse.Namespace, world: int) -> Config:
     return cfg
 
 
+def check_runtime(cfg: Config, world: int, device: str | None) -> None:
+    """The checks that need torch or the model folder, once :func:`validated_config` has passed: the
+    model, how many ranks its layers split over, the attention kernel on ``device``."""
+    from .models.loader import check_model, num_layers
+
+    check_model(cfg)
+    cfg.validate(world_size=world, num_layers=num_layers(cfg))
+    from .comm import default_device
+    from .models import attention
+
+    attention.check(cfg.model.attention, (device or default_device(cfg.parallel.backend)).split(":")[0])
+
+
+def _env_int(env, name: str, default: int) -> int:
+    try:
+        return int(env.get(name, default))
+    except ValueError:
+        raise ConfigError(f"{name}={env[name]!r} in the environment is not an integer") from None
+
+
+def launch_plan(nproc: int | None, env) -> tuple[int, int, bool]:
+    """``(rank, world, start_ranks)`` for this process: ``start_ranks`` when it is to start ``--nproc``
+    ranks itself. A world of several ranks needs a launcher's environment (torchrun, ``--nproc``,
+    Ray's actors): without MASTER_ADDR and MASTER_PORT, torch.distributed would fail or wait long."""
+    world, rank = _env_int(env, "WORLD_SIZE", 1), _env_int(env, "RANK", 0)
+    if nproc is not None and not 1 <= nproc <= 1024:
+        raise ConfigError(f"--nproc must be in [1, 1024], got {nproc}")
+    if "WORLD_SIZE" not in env:
+        return 0, nproc or 1, bool(nproc and nproc > 1)
+    if nproc is not None and nproc != world:
+        raise ConfigError(f"--nproc {nproc} starts its own ranks, but a launcher already started {world} "
+                          "(WORLD_SIZE); drop --nproc or the launcher")
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if world > 1 and missing:
+        raise ConfigError(f"WORLD_SIZE={world} but no launcher set up the ranks ({' and '.join(missing)} unset): "
+                          f"start them with --nproc {world} (or torchrun --nproc-per-node {world}) instead of "
+                          "setting WORLD_SIZE by hand")
+    return rank, world, False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        rank, world, start_ranks = launch_plan(args.nproc, os.environ)
         cfg = validated_config(args, world)
-        if args.threads is not None and not 1 <= args.threads <= 1024:
-            raise ConfigError(f"--threads must be in [1, 1024], got {args.threads}")
-        if args.device is not None:
-            args.device = check_device(args.device, cfg.parallel.backend)
         if rank == 0 and not args.resume:
             check_output_dir(cfg.output.out, args.overwrite)
+        # From here on torch is imported.
+        if args.device is not None:
+            args.device = check_device(args.device, cfg.parallel.backend, local_ranks=world if start_ranks else None)
+        check_runtime(cfg, world, args.device)
+        if rank == 0 and not args.resume:
+            probe_output_dir(cfg.output.out)
     except ConfigError as e:
-        if rank == 0:
+        if reports_errors():
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if start_ranks:
+        return start_local_ranks(args.nproc, sys.argv[1:] if argv is None else argv)
     return run(cfg, args)
+
+
+def start_local_ranks(nproc: int, argv: list[str]) -> int:
+    """Run this command line as ``nproc`` ranks on this machine through torch's elastic launcher,
+    as ``torchrun --standalone --nproc-per-node nproc`` does, and wait for them. Each rank sees
+    ``--nproc`` with the launcher's WORLD_SIZE and runs as one rank. Returns 0 when every rank
+    succeeded, else the first failed rank's exit status (128 + N for signal N), or 128 + N when
+    signal N stopped the launcher."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The launcher's own INFO/WARNING lines would bury the ranks' output; its errors stay.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch", "gen.py")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)(script, *argv)
+    except ChildFailedError as e:
+        code = e.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code
+    except SignalException as e:  # the launcher passed the signal on to the ranks, which stopped
+        return 128 + e.sigval
+    return 0
 
 
 def run(cfg: Config, args: argparse.Namespace) -> int:

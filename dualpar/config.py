@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,7 +261,7 @@ class Config:
                               f"about {(MAX_FRAMES - 1) / 16 / 3600:.1f} hours at 16 fps)")
         if p.block < 1:
             raise ConfigError(f"parallel.block must be >= 1, got {p.block}")
-        if v.latent_frames < p.block:
+        if s.mode != "causal" and v.latent_frames < p.block:  # causal mode cuts chunks, checked below
             need = (p.block - 1) * VAE_TEMPORAL + 1
             raise ConfigError(
                 f"--frames {v.frames} gives {v.latent_frames} latent frames, fewer than one block of "
@@ -324,13 +326,15 @@ class Config:
         s, c, lat = self.sampling, self.causal, self.video.latent_frames
         if s.mode not in MODES:
             raise ConfigError(f"sampling.mode must be one of {MODES}, got '{s.mode}'")
-        schedule = prompt_schedule(s.prompt, self.video.frames)
+        prompt_schedule(s.prompt, self.video.frames, causal=s.mode == "causal")
         if s.mode != "causal":
-            if len(schedule) > 1:
-                raise ConfigError("a prompt schedule ('text | FRAME: text') needs --mode causal")
             return
-        if c.chunk < 1 or c.chunk > lat:
-            raise ConfigError(f"causal.chunk must be in [1, {lat}] (the video's latent frames), got {c.chunk}")
+        if c.chunk < 1:
+            raise ConfigError(f"causal.chunk must be >= 1, got {c.chunk}")
+        if c.chunk > lat:
+            need = (c.chunk - 1) * VAE_TEMPORAL + 1
+            raise ConfigError(f"--frames {self.video.frames} gives {lat} latent frames, fewer than one chunk of "
+                              f"{c.chunk}; use at least {need} frames or a smaller --chunk (causal.chunk)")
         try:
             ts = c.timestep_list()
         except ValueError:
@@ -358,23 +362,51 @@ class Config:
             raise ConfigError(f"{lat} latent frames pass RoPE's 1024 positions; set causal.rope=rebase")
 
 
-def prompt_schedule(prompt: str, frames: int) -> list[tuple[int, str]]:
+_SCHEDULE_BAR = re.compile(r"(?<!\\)\|")
+"""A ``|`` that starts the next entry of a prompt schedule (``\\|`` is a literal ``|``)."""
+_FRAME = re.compile(r"[0-9]+")
+"""A schedule's start frame: plain ASCII digits (``str.isdigit`` also says yes to '²', which ``int`` refuses)."""
+
+
+def check_text(text: str, what: str) -> None:
+    """ConfigError unless ``text`` is text: valid UTF-8 (no bytes the terminal could not decode) and
+    no control characters but tab and newline (binary data)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{what} is not valid UTF-8 text") from None
+    bad = next((ch for ch in text if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None)
+    if bad is not None:
+        raise ConfigError(f"{what} holds the control character {bad!r}: binary data, not text")
+
+
+def _literal(text: str) -> str:
+    return text.replace("\\|", "|")
+
+
+def prompt_schedule(prompt: str, frames: int, causal: bool = True) -> list[tuple[int, str]]:
     """``'text A | 240: text B'`` -> ``[(0, 'text A'), (240, 'text B')]``: prompts by starting output frame.
 
-    A plain prompt is a schedule of one entry.
+    A plain prompt is a schedule of one entry. ``\\|`` is a literal ``|`` in either mode. Schedules
+    are causal mode's: with ``causal`` false, a ``|`` is an error that says so.
     """
-    parts = [p.strip() for p in prompt.split("|")]
+    check_text(prompt, "sampling.prompt")
+    parts = [p.strip() for p in _SCHEDULE_BAR.split(prompt)]
     if len(parts) == 1:
-        return [(0, prompt)]
-    out = [(0, parts[0])]
+        return [(0, _literal(prompt))]
+    if not causal:
+        raise ConfigError("a prompt schedule ('text | FRAME: text') needs --mode causal; "
+                          "write \\| for a literal '|' in a prompt")
+    out = [(0, _literal(parts[0]))]
     for part in parts[1:]:
         head, colon, text = part.partition(":")
-        if not colon or not head.strip().isdigit() or not text.strip():
-            raise ConfigError(f"prompt schedule: expected 'FRAME: text' after '|', got '{part}'")
+        if not colon or not _FRAME.fullmatch(head.strip()) or not text.strip():
+            raise ConfigError(f"prompt schedule: expected 'FRAME: text' after '|' (FRAME in digits 0-9), got "
+                              f"'{part}'; write \\| for a literal '|'")
         start = int(head)
         if start <= out[-1][0] or start >= frames:
             raise ConfigError(f"prompt schedule: start frame {start} must increase and be < {frames} frames")
-        out.append((start, text.strip()))
+        out.append((start, _literal(text.strip())))
     if not out[0][1]:
         raise ConfigError("prompt schedule: the first prompt is empty")
     return out
@@ -401,9 +433,11 @@ def load_config(path: str | None, base: Config | None = None) -> Config:
         return cfg
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

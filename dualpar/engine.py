@@ -15,7 +15,7 @@ import torch
 
 from . import schedule as sch
 from .comm import Comm
-from .config import Config
+from .config import Config, prompt_schedule
 from .models import loader
 from .models.wan import MOD_ROWS, BlockShape
 from .noise import NoisePool
@@ -93,6 +93,7 @@ class Engine:
         projected text context."""
         text = None
         if self.comm.is_first:
+            prompt = prompt_schedule(prompt, self.cfg.video.frames, causal=False)[0][1]  # '\|' is a literal '|'
             states = self.prompts.states([prompt, negative] if self.plan.batch == 2 else [prompt])
             text = self.stage.model.text_context(states)
         text = self.comm.broadcast(text, src=0)

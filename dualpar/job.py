@@ -118,6 +118,7 @@ class Job:
         t_start = time.perf_counter()
         self.trace.clear()
         writer = progress = state = take_checkpoint = None
+        frames_before = 0  # written by the run this one resumes
         try:
             engine.set_prompt(cfg.sampling.prompt, cfg.sampling.negative_prompt)
             if comm.is_first:
@@ -134,7 +135,9 @@ class Job:
                     saved = checkpoint.load_parts(out, ("engine", "writer"))
                     state.load_state_dict(*saved["engine"])
                     writer = RunWriter.reopen(out, *saved["writer"], **common)
-                    log(0, f"resuming {out} at iteration {state.iteration} ({state.blocks_done} blocks already written)")
+                    frames_before = sum(engine.plan.frames_of_block(b) for b in range(state.blocks_done))
+                    log(0, f"resuming {out} at iteration {state.iteration} ({state.blocks_done} blocks, "
+                           f"{frames_before} frames already written)")
                 else:
                     writer = RunWriter(out, config=cfg.to_dict(), seed=cfg.sampling.seed,
                                        blocks_total=len(engine.plan.blocks), frames_total=cfg.video.frames,
@@ -195,7 +198,7 @@ class Job:
         if self.trace.enabled:
             self._write_trace(out)
         if rank == 0:
-            self._summary(cfg, loop, time.perf_counter() - t_start)
+            self._summary(cfg, loop, time.perf_counter() - t_start, frames_before)
         return 0
 
     def _write_trace(self, out: str) -> None:
@@ -207,10 +210,11 @@ class Job:
         if self.rank == 0:
             rundir.atomic_write(out, rundir.TRACE, json.dumps(chrome_trace(per_rank)).encode())
 
-    def _summary(self, cfg: Config, loop: list[list[float]], total: float) -> None:
+    def _summary(self, cfg: Config, loop: list[list[float]], total: float, frames_before: int = 0) -> None:
         from .ring import log
 
         out, frames = cfg.output.out, cfg.video.frames
+        made = frames - frames_before
         per_rank = [
             {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent),
              "messages_sent": int(msgs), "send_buffers_mb": sbuf / 2**20, "peak_rss_mb": rss, "peak_cuda_mb": cuda,
@@ -225,7 +229,8 @@ class Job:
         if cfg.sampling.mode == "causal":
             log(0, f"KV caches: {sum(r['kv_cache_mb'] for r in per_rank):.1f} MB over all ranks "
                    f"(policy {cfg.causal.policy})")
-        log(0, f"done: {frames} frames in {total:.1f} s ({frames / total:.1f} frames/s end to end; "
+        of = f" of {frames} (the rest before the resume)" if frames_before else ""
+        log(0, f"done: {made} frames{of} in {total:.1f} s ({made / total:.1f} frames/s end to end; "
                f"denoising loop {max(r['loop_s'] for r in per_rank):.1f} s) -> "
                f"{os.path.join(out, 'video.mp4' if cfg.output.decode else 'latents')}")
 

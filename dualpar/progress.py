@@ -1,4 +1,4 @@
-"""Rank 0's progress bar: iterations, blocks finished, frames written, ETA."""
+"""Rank 0's progress bar: iterations, blocks (causal mode: chunks) finished, frames written, ETA."""
 
 from __future__ import annotations
 
@@ -8,13 +8,21 @@ from tqdm import tqdm
 
 
 class Progress:
+    """The bar is drawn at the first call: a resumed run starts it where it picks up (tqdm's
+    ``initial``), so its rate and ETA count only this run's work."""
+
     def __init__(self, plan):
         self.plan = plan
+        self.unit = "chunks" if plan.cfg.sampling.mode == "causal" else "blocks"
         self.blocks_done = 0
         self.frames_done = 0
         self.iteration = -1
+        self.bar = None
+
+    def _start(self, tasks_done: int = 0) -> None:
         self.bar = tqdm(
-            total=len(plan.tasks),
+            total=len(self.plan.tasks),
+            initial=tasks_done,
             desc="[rank 0] denoising",
             unit="task",
             file=sys.stderr,
@@ -25,15 +33,18 @@ class Progress:
     def resume_from(self, tasks_done: int, blocks_done: int, frames_done: int) -> None:
         """Start the bar where a resumed run picks up."""
         self.blocks_done, self.frames_done = blocks_done, frames_done
-        if tasks_done:
-            self.bar.update(tasks_done)
+        self._start(tasks_done)
 
     def task_done(self, task) -> None:
+        if self.bar is None:
+            self._start()
         self.iteration = task.iteration
         self.bar.update(1)
         self._postfix()
 
     def block_done(self, block: int, frames: int) -> None:
+        if self.bar is None:
+            self._start()
         self.blocks_done += 1
         self.frames_done += frames
         self._postfix()
@@ -41,10 +52,11 @@ class Progress:
     def _postfix(self) -> None:
         n_it = self.plan.num_iterations
         self.bar.set_postfix_str(
-            f"iter {self.iteration + 1}/{n_it} blocks {self.blocks_done}/{len(self.plan.blocks)} "
+            f"iter {self.iteration + 1}/{n_it} {self.unit} {self.blocks_done}/{len(self.plan.blocks)} "
             f"frames {self.frames_done}/{self.plan.cfg.video.frames}",
             refresh=False,
         )
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()

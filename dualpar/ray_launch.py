@@ -19,13 +19,13 @@ import socket
 import sys
 import time
 
-from .cli import ConfigError, build_parser, check_output_dir, validated_config
+from .cli import ConfigError, build_parser, check_output_dir, check_runtime, probe_output_dir, validated_config
 
 OBJECT_STORE_BYTES = 128 * 2**20  # only small messages go through Ray: keep a local instance lean
 
 
 def parse(argv):
-    p = build_parser()
+    p = build_parser(local_launch=False)
     p.prog = "ray_job.py"
     p.description = "Run the engine as N Ray actors (same options as launch/gen.py)."
     p.add_argument("--world-size", type=int, required=True, help="number of ranks (actors)")
@@ -34,12 +34,29 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def read_prompts(path: str) -> list[str]:
+def read_prompts(path: str, cfg, world: int) -> list[str]:
+    """The prompts of a ``--prompts`` file (one per line; blank lines and ``#`` lines skipped), each
+    checked as ``--prompt`` would be with ``cfg`` before anything starts."""
     try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ConfigError(f"--prompts {path}: {e.strerror or e}") from None
+    prompts = []
+    for n, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(f"--prompts {path} line {n}: not UTF-8 text") from None
+        if not line or line.startswith("#"):
+            continue
+        video = copy.deepcopy(cfg)
+        video.sampling.prompt = line
+        try:
+            video.validate(world_size=world)
+        except ConfigError as e:
+            raise ConfigError(f"--prompts {path} line {n}: {e}") from None
+        prompts.append(line)
     if not prompts:
         raise ConfigError(f"--prompts {path}: no prompts in the file")
     return prompts
@@ -106,13 +123,17 @@ def main(argv: list[str] | None = None) -> int:
         if n < 1:
             raise ConfigError(f"--world-size must be >= 1, got {n}")
         cfg = validated_config(args, n)
-        prompts = read_prompts(args.prompts) if args.prompts else None
+        prompts = read_prompts(args.prompts, cfg, n) if args.prompts else None
         if prompts and args.resume:
             raise ConfigError("--resume continues one run; it cannot be combined with --prompts")
         videos = plan_videos(cfg, prompts)
         if not args.resume:
             for _, out in videos:
                 check_output_dir(out, args.overwrite)
+        check_runtime(cfg, n, args.device)
+        if not args.resume:
+            for _, out in videos:
+                probe_output_dir(out)
         try:
             import ray
         except ImportError:
@@ -125,12 +146,29 @@ def main(argv: list[str] | None = None) -> int:
     return drive(ray, cfg, args, videos)
 
 
+CONNECT_TIMEOUT_S = 10.0
+
+
+def reachable(address: str) -> None:
+    """ConnectionError within CONNECT_TIMEOUT_S unless something listens at a ``host:port`` address
+    (``ray.init`` itself retries an unreachable one for minutes); ``auto`` is left to Ray."""
+    host, colon, port = address.rpartition("://")[2].rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {host}:{port} ({e.strerror or e})") from None
+
+
 def drive(ray, cfg, args, videos) -> int:
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     n, local = args.world_size, args.address is None
     try:
+        if not local:
+            reachable(args.address)
         if local:
             ray.init(num_cpus=max(n, os.cpu_count() or 1), include_dashboard=False,
                      object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from tqdm import tqdm
 
 from . import schedule as sch
 from .comm import KIND_PACKET, KIND_PRED, Comm
@@ -28,7 +29,9 @@ from .trace import Clock, Stopwatch, Trace
 
 
 def log(rank: int, msg: str) -> None:
-    print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
+    """One line on stderr; tqdm.write puts it above rank 0's progress bar instead of glued to it."""
+    tqdm.write(f"[rank {rank}] {msg}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 @dataclass

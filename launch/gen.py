@@ -1,7 +1,8 @@
 """Generate a long video with the block-wise pipelined engine.
 
-    torchrun --standalone --nproc_per_node 2 launch/gen.py --frames 1025
     python launch/gen.py --frames 129 --out outputs/short
+    python launch/gen.py --nproc 2 --frames 1025
+    torchrun --standalone --nproc-per-node 2 launch/gen.py --frames 1025
 
 Each rank holds a contiguous slice of the DiT's layers; rank 0 also writes
 the output (video.mp4, latents/, manifest.json) as blocks finish.

@@ -51,7 +51,6 @@ def _peak_bytes(fn):
     the peak of their running sum, in time order, is the most memory ``fn`` held at once. The profiler
     does not report frees of blocks allocated before it started, so ``fn`` must allocate whatever it
     will drop (see ``_forward_peak``)."""
-    import torch
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 

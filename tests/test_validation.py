@@ -92,6 +92,8 @@ def test_missing_config_file(capsys, tmp_path):
 def test_more_ranks_than_layers(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "9")
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # as a launcher would
+    monkeypatch.setenv("MASTER_PORT", "29500")
     code, err = run_main(capsys, BASE + ["--out", str(tmp_path / "o")])
     assert code == 2 and "9 ranks but the model has only 8 DiT layers" in err
     monkeypatch.setenv("RANK", "3")  # other ranks exit quietly: the message is printed once
@@ -148,3 +150,130 @@ def test_an_output_directory_nothing_can_be_written_to(capsys):
     code, err = run_main(capsys, BASE + ["--out", "/proc/dualpar-run"])
     assert code == 2 and "--out /proc/dualpar-run is not writable" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists("/proc/dualpar-run")
+
+
+# Prompts and text: schedules are causal mode's, frame numbers plain digits, text is text.
+TEXT_CASES = [
+    (["--mode", "causal", "--frames", "49", "--prompt", "a | ²: b"], "expected 'FRAME: text'"),
+    (["--mode", "causal", "--frames", "49", "--prompt", "a | \u0663: b"], "expected 'FRAME: text'"),
+    (["--mode", "causal", "--frames", "49", "--prompt", "a | 1_0: b"], "expected 'FRAME: text'"),
+    (["--prompt", "a | 13: b"], "needs --mode causal; write \\| for a literal '|'"),
+    (["--prompt", "fish | chips"], "needs --mode causal"),
+    (["--prompt", "nul\x00byte"], "sampling.prompt holds the control character '\\x00'"),
+    (["--prompt", "undecodable \udcff byte"], "sampling.prompt is not valid UTF-8 text"),
+    (["--negative-prompt", "bell\x07"], "sampling.negative_prompt holds the control character"),
+    (["--mode", "causal", "--frames", "5"], "fewer than one chunk of 3; use at least 9 frames or a smaller --chunk"),
+    (["--frames", "abc"], "argument --frames: invalid int value: 'abc'"),
+    (["--nproc", "0"], "--nproc must be in [1, 1024]"),
+]
+
+
+@pytest.mark.parametrize("argv,message", TEXT_CASES, ids=[" ".join(c[0]) for c in TEXT_CASES])
+def test_bad_prompt_or_text(capsys, tmp_path, argv, message):
+    out = tmp_path / "out"
+    try:
+        code = cli.main(BASE + argv + ["--out", str(out)])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"video:\n  fps: \xff\xfe\n", "is not UTF-8 text (byte 14"),
+    (b"\x00\x01\x02binary", "not valid YAML"),
+    (b'sampling:\n  prompt: "a\\x07b"\n', "sampling.prompt holds the control character"),
+])
+def test_config_file_that_is_not_text(capsys, tmp_path, data, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(data)
+    code, err = run_main(capsys, BASE + ["--config", str(path), "--out", str(tmp_path / "o")])
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_prompt_schedule_escapes_and_digits():
+    from dualpar.config import prompt_schedule
+
+    assert prompt_schedule(r"salt \| pepper | 13: oil \| vinegar", 49) == [(0, "salt | pepper"), (13, "oil | vinegar")]
+    assert prompt_schedule(r"salt \| pepper", 49, causal=False) == [(0, "salt | pepper")]
+    assert prompt_schedule("  plain  ", 49, causal=False) == [(0, "  plain  ")]  # as given, unstripped
+    assert prompt_schedule("a | 013: b", 49) == [(0, "a"), (13, "b")]
+
+
+def test_causal_mode_counts_chunks_not_blocks():
+    # 25 frames = 7 latent frames: fewer than a block of 8, but chunks of 3 fit
+    args = cli.build_parser().parse_args(BASE + ["--mode", "causal", "--frames", "25", "--out", "/tmp/unused"])
+    assert cli.validated_config(args, 1).video.latent_frames == 7
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 but no launcher set up the ranks (MASTER_ADDR and MASTER_PORT unset): "
+                          "start them with --nproc 2"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "(MASTER_PORT unset)"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' in the environment is not an integer"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "RANK": "0", "--nproc": "4"},
+     "--nproc 4 starts its own ranks, but a launcher already started 2"),
+])
+def test_several_ranks_need_a_launcher(capsys, monkeypatch, tmp_path, env, message):
+    for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    extra = ["--nproc", env.pop("--nproc")] if "--nproc" in env else []
+    code, err = run_main(capsys, BASE + extra + ["--out", str(tmp_path / "o")], env, monkeypatch)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--frames", "1000"],
+    ["--prompt", "a | b"],
+    ["--set", "video.fps=0"],
+    ["--config", "BINARY"],
+    ["--nproc", "2", "--steps", "0"],
+])
+def test_bad_input_imports_nothing_heavy(root, tmp_path, argv):
+    # Bad input is found before torch, diffusers or transformers are imported (seconds, not a model load).
+    if "BINARY" in argv:
+        (tmp_path / "bin.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xd8")
+        argv = ["--config", str(tmp_path / "bin.yaml")]
+    res = subprocess.run([sys.executable, "-X", "importtime", os.path.join(root, "launch", "gen.py"), *argv,
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    lines = res.stderr.splitlines()
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in lines if ln.startswith("import time:")}
+    assert "dualpar.config" in imported  # -X importtime did report
+    assert not imported & {"torch", "diffusers", "transformers"}, sorted(imported & {"torch", "diffusers"})
+    errors = [ln for ln in lines if not ln.startswith("import time:")]
+    assert res.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: "), res.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_ray_prompt_file_is_checked_line_by_line(capsys, tmp_path):
+    from dualpar import ray_launch
+
+    def bad(data):
+        path = tmp_path / "prompts.txt"
+        path.write_bytes(data)
+        code = ray_launch.main(BASE + ["--world-size", "2", "--prompts", str(path), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists(), err
+        return err
+
+    assert "prompts.txt line 4: a prompt schedule ('text | FRAME: text') needs --mode causal" in bad(
+        b"# comments and blank lines are skipped\n\na fox\nfish | chips\n")
+    assert "line 2: not UTF-8 text" in bad(b"a fox\n\xff\xfe\n")
+    assert "line 1: sampling.prompt holds the control character" in bad(b"\x00\x01\n")
+    assert "no prompts in the file" in bad(b"# only a comment\n")
+
+
+def test_ray_unreachable_address_fails_fast():
+    import time
+
+    from dualpar.ray_launch import reachable
+
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match="nothing answers at 127.0.0.1:1"):
+        reachable("127.0.0.1:1")
+    assert time.time() - t0 < 30
+    reachable("auto")  # left to Ray

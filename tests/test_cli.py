@@ -1,0 +1,112 @@
+"""The command line around the engine: --help and the README's table, --nproc, the progress bar and log lines."""
+
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+
+from dualpar import cli
+from test_parallel import ARGS, read_blocks
+
+
+def test_help_shows_defaults_and_choices():
+    text = " ".join(cli.build_parser().format_help().split())  # argparse wraps lines
+    for flag, shown in [("--dtype", "{float32,bfloat16,float16}"), ("--scheduler", "{unipc,euler}"),
+                        ("--mode", "{bidirectional,causal}"), ("--policy", "{full,window,topk,focused}")]:
+        assert f"{flag} {shown}" in text, flag
+    for fragment in ["[video.frames; default 1025]", "[sampling.scheduler; default unipc]",
+                     "[parallel.num_cat; default 4]", "[causal.budget; default 0.25]", "--nproc N"]:
+        assert fragment in text, fragment
+
+
+def test_readme_option_table_matches_help(root):
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    table = readme.split("| flag | config key | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    in_readme = {f for row in table.splitlines()[2:] for f in re.findall(r"--[a-z][a-z-]*", row.split("|")[1])}
+    parser = cli.build_parser()
+    in_help = {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    assert in_readme == in_help, (sorted(in_readme - in_help), sorted(in_help - in_readme))
+
+
+def gen(root, out, extra=(), timeout=300):
+    cmd = [sys.executable, os.path.join(root, "launch", "gen.py"), *ARGS, "--no-decode", *extra, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_nproc_starts_the_ranks_itself(root, tmp_path):
+    res = gen(root, tmp_path / "two", ["--nproc", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[rank 1] layers [4, 8)" in res.stderr  # two ranks ran, split the layers
+    res = gen(root, tmp_path / "one")
+    assert res.returncode == 0, res.stderr[-3000:]
+    (_, two), (_, one) = read_blocks(tmp_path / "two"), read_blocks(tmp_path / "one")
+    assert len(two) == len(one) == 5 and all(torch.equal(a, b) for a, b in zip(two, one))
+
+
+def test_nproc_with_a_bad_value_is_one_line(root, tmp_path):
+    res = gen(root, tmp_path / "bad", ["--nproc", "2", "--num-cat", "9"], timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: parallel.num_cat must be in [0, block=4], got 9"], res.stderr
+    assert not (tmp_path / "bad").exists()
+    # More ranks than layers: found in the parent before any rank starts.
+    res = gen(root, tmp_path / "bad", ["--nproc", "9"], timeout=120)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: 9 ranks but the model has only 8 DiT layers; use at most 8 ranks"], res.stderr
+
+
+def plan(mode="bidirectional"):
+    cfg = SimpleNamespace(sampling=SimpleNamespace(mode=mode), video=SimpleNamespace(frames=89))
+    return SimpleNamespace(cfg=cfg, tasks=[None] * 20, blocks=[None] * 5, num_iterations=9)
+
+
+def test_resumed_bar_starts_where_the_run_picks_up(capsys):
+    from dualpar.progress import Progress
+
+    p = Progress(plan())
+    p.resume_from(12, 3, 41)
+    p.task_done(SimpleNamespace(iteration=6))
+    bar = p.bar.format_dict
+    # this run did one task of the 8 left: the rate counts that one, not the 12 done before
+    assert (bar["n"], bar["initial"], bar["total"]) == (13, 12, 20)
+    p.block_done(3, 12)
+    assert "blocks 4/5 frames 53/89" in str(p.bar)
+    p.close()
+    causal = Progress(plan("causal"))
+    causal.task_done(SimpleNamespace(iteration=0))
+    assert causal.bar.format_dict["initial"] == 0 and "chunks 0/5" in str(causal.bar)
+    causal.close()
+
+
+def test_log_lines_are_not_glued_to_the_bar(capsys):
+    from dualpar.progress import Progress
+    from dualpar.ring import log
+
+    p = Progress(plan())
+    p.task_done(SimpleNamespace(iteration=0))
+    log(0, "a message while the bar is shown")
+    p.close()
+    err = capsys.readouterr().err
+    # tqdm redraws its bar after "\r"; the message must be a whole line of its own
+    assert "[rank 0] a message while the bar is shown" in re.split(r"[\r\n]", err), err
+
+
+def test_resumed_run_says_what_it_made(root, tmp_path):
+    import signal
+
+    from test_failures import command, manifest, start, wait_for
+
+    out = tmp_path / "run"
+    p = start(root, 1, out)
+    wait_for(lambda: (manifest(out) or {}).get("blocks_written", 0) >= 2, 300, "two blocks")
+    p.send_signal(signal.SIGTERM)  # stops at the next iteration boundary, with a checkpoint
+    p.communicate(timeout=120)
+    before = manifest(out)["frames_written"]
+    res = subprocess.run(command(root, 1, ["--resume", str(out)]), capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 0 < before < 161 and f"{before} frames already written" in res.stderr, res.stderr[-3000:]
+    assert f"done: {161 - before} frames of 161 (the rest before the resume) in " in res.stderr, res.stderr[-3000:]
