@@ -2,12 +2,11 @@
 
 import os
 import re
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import torch
 
+from conftest import gen
 from dualpar import cli
 from test_parallel import ARGS, read_blocks
 
@@ -31,29 +30,28 @@ def test_readme_option_table_matches_help(root):
     assert in_readme == in_help, (sorted(in_readme - in_help), sorted(in_help - in_readme))
 
 
-def gen(root, out, extra=(), timeout=300):
-    cmd = [sys.executable, os.path.join(root, "launch", "gen.py"), *ARGS, "--no-decode", *extra, "--out", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+def run(out, extra=(), launcher="real", timeout=300):
+    """``python launch/gen.py`` itself by default: ``--nproc`` starts the ranks from that process."""
+    return gen(1, [*ARGS, "--no-decode", *extra, "--out", str(out)], launcher=launcher, expect=None, timeout=timeout)
 
 
 def test_nproc_starts_the_ranks_itself(root, tmp_path):
-    res = gen(root, tmp_path / "two", ["--nproc", "2"])
+    res = run(tmp_path / "two", ["--nproc", "2"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "[rank 1] layers [4, 8)" in res.stderr  # two ranks ran, split the layers
-    res = gen(root, tmp_path / "one")
+    res = run(tmp_path / "one", launcher="fork")
     assert res.returncode == 0, res.stderr[-3000:]
     (_, two), (_, one) = read_blocks(tmp_path / "two"), read_blocks(tmp_path / "one")
     assert len(two) == len(one) == 5 and all(torch.equal(a, b) for a, b in zip(two, one))
 
 
 def test_nproc_with_a_bad_value_is_one_line(root, tmp_path):
-    res = gen(root, tmp_path / "bad", ["--nproc", "2", "--num-cat", "9"], timeout=120)
+    res = run(tmp_path / "bad", ["--nproc", "2", "--num-cat", "9"], timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "error: parallel.num_cat must be in [0, block=4], got 9"], res.stderr
     assert not (tmp_path / "bad").exists()
     # More ranks than layers: found in the parent before any rank starts.
-    res = gen(root, tmp_path / "bad", ["--nproc", "9"], timeout=120)
+    res = run(tmp_path / "bad", ["--nproc", "9"], timeout=120)
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "error: 9 ranks but the model has only 8 DiT layers; use at most 8 ranks"], res.stderr
 
@@ -97,16 +95,15 @@ def test_log_lines_are_not_glued_to_the_bar(capsys):
 def test_resumed_run_says_what_it_made(root, tmp_path):
     import signal
 
-    from test_failures import command, manifest, start, wait_for
+    from test_failures import manifest, run, start_run, wait_for
 
     out = tmp_path / "run"
-    p = start(root, 1, out)
+    p = start_run(1, out)
     wait_for(lambda: (manifest(out) or {}).get("blocks_written", 0) >= 2, 300, "two blocks")
     p.send_signal(signal.SIGTERM)  # stops at the next iteration boundary, with a checkpoint
     p.communicate(timeout=120)
     before = manifest(out)["frames_written"]
-    res = subprocess.run(command(root, 1, ["--resume", str(out)]), capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = run(1, ["--resume", str(out)], timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert 0 < before < 161 and f"{before} frames already written" in res.stderr, res.stderr[-3000:]
     assert f"done: {161 - before} frames of 161 (the rest before the resume) in " in res.stderr, res.stderr[-3000:]
