@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kv_cache import (FocusedForcing, Full, KVStore, Selection, TopK, WindowSink, attend, history_mass,
-                      make_policy, resolve_budget)
+from dualpar.config import resolve_budget
+from kv_cache import FocusedForcing, Full, KVStore, Selection, TopK, WindowSink, attend, history_mass, make_policy
 
 B, T, H, D = 2, 4, 3, 8
 

@@ -33,7 +33,6 @@ CASES = [
     (["--guidance", "-1"], "sampling.guidance"),
     (["--seed", "-5"], "sampling.seed"),
     (["--flow-shift", "0"], "sampling.flow_shift"),
-    (["--scheduler", "ddim"], "sampling.scheduler"),
     (["--dtype", "fp8"], "model.dtype"),
     (["--fps", "0"], "video.fps"),
     (["--fps", "5000000"], "video.fps must be in [1, 240]"),
@@ -52,6 +51,13 @@ CASES = [
     (["--set", "model.preset=huge"], "model.preset 'huge' is unknown"),
     (["--transformer-file", "x.safetensors"], "needs model.path"),
     (["--model", "/nonexistent/wan"], "/nonexistent/wan"),
+    # bad choices name the allowed values
+    (["--scheduler", "ddim"], "sampling.scheduler must be one of ('unipc', 'euler'), got 'ddim'"),
+    (["--mode", "causal", "--policy", "lru"], "causal.policy must be one of ('full', 'window', 'topk', 'focused')"),
+    (["--mode", "causal", "--set", "causal.rope=alibi"], "causal.rope must be one of ('absolute', 'rebase')"),
+    (["--mode", "causal", "--set", "causal.sampler=ddim"], "causal.sampler must be one of ('reinject', 'euler')"),
+    (["--set", "model.compile=jit"], "model.compile must be one of ('off', 'inductor', 'aot_eager')"),
+    (["--set", "parallel.backend=mpi"], "parallel.backend must be one of ('auto', 'nccl', 'gloo')"),
 ]
 
 

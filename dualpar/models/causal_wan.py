@@ -32,9 +32,8 @@ from functools import partial
 import torch
 
 from kv_cache import KVStore, Policy, attend
+from ..config import RopeMode, choices
 from .wan import MOD_ROWS, WanSlice, apply_rope, block_forward, guided
-
-ROPE_MODES = ("absolute", "rebase")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +75,9 @@ class LayerCache:
 class CausalWan:
     """Causal passes over the layers of ``model`` (a :class:`WanSlice`); one per rank."""
 
-    def __init__(self, model: WanSlice, rope: str = "absolute"):
-        if rope not in ROPE_MODES:
-            raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
+    def __init__(self, model: WanSlice, rope: RopeMode = "absolute"):
+        if rope not in choices("causal.rope"):
+            raise ValueError(f"rope must be one of {choices('causal.rope')}, got {rope!r}")
         self.m = model
         self.rope = rope
         self.table = model.rope.max_seq_len
