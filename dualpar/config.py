@@ -347,6 +347,8 @@ class Config:
 
     def validate(self, world_size: int = 1, num_layers: int | None = None) -> None:
         """Raise ConfigError for the first problem found: each section's own, then those across sections."""
+        for name in _SECTIONS:
+            _check_finite(getattr(self, name))
         v, s, p, m = self.video, self.sampling, self.parallel, self.model
         v.validate()
         p.validate()
@@ -429,8 +431,8 @@ def prompt_schedule(prompt: str, frames: int, causal: bool = True) -> list[tuple
 def resolve_budget(budget: float, total_frames: int) -> int:
     """A KV budget in frames: ``budget`` >= 1 counts frames (a whole number), 0 < ``budget`` < 1 is a
     fraction of the video's ``total_frames`` latent frames (at least one frame); ValueError otherwise."""
-    if budget <= 0:
-        raise ValueError(f"budget must be > 0, got {budget}")
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a finite number > 0, got {budget}")
     if budget < 1:
         return max(1, math.ceil(budget * total_frames))
     if budget != int(budget):
@@ -451,6 +453,15 @@ def _check_choices(section) -> None:
         allowed, val = choices(f"{name}.{f.name}"), getattr(section, f.name)
         if allowed and val not in allowed:
             raise ConfigError(f"{name}.{f.name} must be one of {allowed}, got '{val}'")
+
+
+def _check_finite(section) -> None:
+    """ConfigError for a NaN or infinite value in any float key of the config section ``section``."""
+    name = _SECTION_NAMES[type(section)]
+    for f in dataclasses.fields(section):
+        val = getattr(section, f.name)
+        if _FIELD_TYPES[(name, f.name)] is float and not math.isfinite(val):
+            raise ConfigError(f"{name}.{f.name} must be a finite number, got {val}")
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}

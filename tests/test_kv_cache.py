@@ -148,6 +148,9 @@ def test_budgets_and_capacities():
     assert resolve_budget(0.25, 129) == 33 and resolve_budget(5, 129) == 5
     with pytest.raises(ValueError):
         resolve_budget(2.5, 10)
+    for bad in (float("nan"), float("inf"), float("-inf")):  # not an OverflowError from int(inf)
+        with pytest.raises(ValueError, match="finite"):
+            resolve_budget(bad, 10)
     assert isinstance(make_policy("full", budget=0.25, total_frames=50), Full)
     w = make_policy("window", budget=10, total_frames=50, sink=3)
     assert isinstance(w, WindowSink) and w.capacity(50) == 10
