@@ -15,8 +15,7 @@ import sys
 import tempfile
 import time
 
-from .config import (CAUSAL_POLICIES, DTYPES, MODES, RESUMABLE_CHANGES, SCHEDULERS, Config, ConfigError, check_text,
-                     load_config)
+from .config import RESUMABLE_CHANGES, Config, ConfigError, check_text, choices, load_config
 from .output import rundir
 
 # flag -> (config key, type, help); each flag overrides the config file.
@@ -44,15 +43,6 @@ _FLAGS = {
     "dtype": ("model.dtype", str, "compute dtype of the transformer"),
     "out": ("output.out", str, "output directory (default: outputs/run-DATE-TIME)"),
 }
-
-
-_CHOICES = {"model.dtype": DTYPES, "sampling.scheduler": SCHEDULERS, "sampling.mode": MODES,
-            "causal.policy": CAUSAL_POLICIES}
-
-
-def choices(key: str) -> tuple[str, ...] | None:
-    """The values config.py allows for an enumerated config key (None: not enumerated)."""
-    return _CHOICES.get(key)
 
 
 def _default(key: str) -> str:

@@ -13,7 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -24,13 +24,18 @@ DEFAULT_NEGATIVE_PROMPT = (
     "misshapen limbs, fused fingers, still picture, messy background, three legs, many people "
     "in the background, walking backwards"
 )
-DTYPES = ("float32", "bfloat16", "float16")
-SCHEDULERS = ("unipc", "euler")
-MODES = ("bidirectional", "causal")
-CAUSAL_POLICIES = ("full", "window", "topk", "focused")
-BACKENDS = ("auto", "nccl", "gloo")
-ATTENTION_BACKENDS = ("native", "cudnn", "efficient", "native-flash", "math", "flash", "flash3", "sage")
-COMPILE_MODES = ("off", "inductor", "aot_eager")
+# Every enumerated choice is declared once, as the Literal type of its field (see choices()).
+Dtype = Literal["float32", "bfloat16", "float16"]
+Scheduler = Literal["unipc", "euler"]
+Mode = Literal["bidirectional", "causal"]
+Backend = Literal["auto", "nccl", "gloo"]
+AttentionBackend = Literal["native", "cudnn", "efficient", "native-flash", "math", "flash", "flash3", "sage"]
+CompileMode = Literal["off", "inductor", "aot_eager"]
+Sampler = Literal["reinject", "euler"]
+CausalSchedule = Literal["sequential", "staggered"]
+RopeMode = Literal["absolute", "rebase"]
+PolicyName = Literal["full", "window", "topk", "focused"]
+"""The KV-cache policies of causal mode (what ``kv_cache.make_policy`` builds)."""
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
 VAE_SPATIAL = 8
 
@@ -62,20 +67,32 @@ class ModelConfig:
     weights_only) state dict in the original Wan naming (Self-Forcing, CausVid, LongLive)."""
     weights_seed: int = 0
     """Seed of the tiny preset's random weights (identical on every rank)."""
-    dtype: str = "float32"
-    """Compute dtype of the transformer: float32, bfloat16 or float16."""
+    dtype: Dtype = "float32"
+    """Compute dtype of the transformer."""
     text_len: int = 512
     """Prompt length in tokens after padding (Wan uses 512)."""
-    attention: str = "native"
+    attention: AttentionBackend = "native"
     """Attention kernel of the bidirectional layers: ``native`` (torch SDPA, which picks FlashAttention-2 /
     memory-efficient / cuDNN itself), ``cudnn``, ``efficient``, ``native-flash``, ``math`` (forced SDPA
     kernels), ``flash`` (flash-attn 2), ``flash3`` (FlashAttention-3), ``sage`` (SageAttention)."""
-    compile: str = "off"
+    compile: CompileMode = "off"
     """``torch.compile`` of each owned layer: ``off``, ``inductor`` (fused kernels; every block shape of the
     run is compiled before the ring starts), or ``aot_eager`` (traced, not fused: a cheap check)."""
     cfg_serial: bool = False
     """Run the two CFG rows (cond, uncond) through each layer one after the other instead of as a
     batch of two: about half the peak activation memory, for some speed."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first problem of this section on its own."""
+        if not 0 <= self.weights_seed < 2**63:
+            raise ConfigError(f"model.weights_seed must be in [0, 2^63), got {self.weights_seed}")
+        if not self.path and self.preset != "tiny":
+            raise ConfigError(f"model.preset '{self.preset}' is unknown (available: tiny; or give --model PATH)")
+        if self.transformer_file and not self.path:
+            raise ConfigError("model.transformer_file needs model.path (the folder gives config, VAE and text encoder)")
+        _check_choices(self)
+        if not 1 <= self.text_len <= 4096:
+            raise ConfigError(f"model.text_len must be in [1, 4096], got {self.text_len}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -93,6 +110,24 @@ class VideoConfig:
     def latent_frames(self) -> int:
         return (self.frames - 1) // VAE_TEMPORAL + 1
 
+    def validate(self) -> None:
+        """Raise ConfigError for the first problem of this section on its own."""
+        if self.frames < 1 or (self.frames - 1) % VAE_TEMPORAL:
+            lo = (self.frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
+            near = sorted({max(lo, 1), max(lo + VAE_TEMPORAL, 1 + VAE_TEMPORAL)})
+            raise ConfigError(f"--frames {self.frames} is not of the form 4k+1 (Wan's VAE); try "
+                              + " or ".join(map(str, near)))
+        if self.frames > MAX_FRAMES:
+            raise ConfigError(f"--frames {self.frames} is past the longest supported video ({MAX_FRAMES} frames, "
+                              f"about {(MAX_FRAMES - 1) / 16 / 3600:.1f} hours at 16 fps)")
+        for name, val in (("height", self.height), ("width", self.width)):
+            if val < 16 or val % 16:
+                raise ConfigError(f"video.{name} {val} must be a positive multiple of 16 (VAE x8, patch x2)")
+            if val > MAX_PIXELS:
+                raise ConfigError(f"video.{name} {val} is past {MAX_PIXELS} pixels")
+        if not 1 <= self.fps <= MAX_FPS:
+            raise ConfigError(f"video.fps must be in [1, {MAX_FPS}], got {self.fps}")
+
 
 @dataclass(kw_only=True, slots=True)
 class SamplingConfig:
@@ -102,7 +137,7 @@ class SamplingConfig:
     """Negative prompt for classifier-free guidance."""
     steps: int = 10
     """Denoising steps per block (the queue holds at most this many blocks)."""
-    scheduler: str = "unipc"
+    scheduler: Scheduler = "unipc"
     """``unipc`` (UniPCMultistepScheduler, flow prediction) or ``euler`` (FlowMatchEulerDiscreteScheduler)."""
     flow_shift: float = 3.0
     """Timestep shift of the flow-matching schedule (Wan: 3.0 at 480p, 5.0 at 720p)."""
@@ -110,9 +145,21 @@ class SamplingConfig:
     """Classifier-free guidance scale; <= 1 disables guidance (one batch row instead of two)."""
     seed: int = 0
     """Seed of the shared noise pool and its permutations."""
-    mode: str = "bidirectional"
+    mode: Mode = "bidirectional"
     """``bidirectional`` (block-wise DualParal schedule) or ``causal`` (chunk-by-chunk with KV caches,
     settings in the ``causal`` section)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first problem of this section on its own."""
+        if not 1 <= self.steps <= 1000:
+            raise ConfigError(f"sampling.steps must be in [1, 1000], got {self.steps}")
+        _check_choices(self)
+        if not 0.0 < self.flow_shift <= 100.0:
+            raise ConfigError(f"sampling.flow_shift must be in (0, 100], got {self.flow_shift}")
+        if not 0.0 <= self.guidance <= 100.0:
+            raise ConfigError(f"sampling.guidance must be in [0, 100], got {self.guidance}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"sampling.seed must be in [0, 2^63), got {self.seed}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -123,9 +170,19 @@ class ParallelConfig:
     """Context latent frames borrowed from each neighbour block (paper: 8); 0 disables context."""
     timeout_s: float = 120.0
     """Longest wait for a peer's message while generating; past it the run fails, naming the peer."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Process-group backend: ``auto`` (NCCL on GPUs, gloo on CPUs), ``nccl``, or ``gloo`` (on GPUs it
     stages tensors through pinned host memory, so several ranks can share one GPU: for checks)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first problem of this section on its own."""
+        if self.block < 1:
+            raise ConfigError(f"parallel.block must be >= 1, got {self.block}")
+        if not 0 <= self.num_cat <= self.block:
+            raise ConfigError(f"parallel.num_cat must be in [0, block={self.block}], got {self.num_cat}")
+        _check_choices(self)
+        if not 1.0 <= self.timeout_s <= 86400.0:
+            raise ConfigError(f"parallel.timeout_s must be in [1, 86400], got {self.timeout_s}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -136,13 +193,13 @@ class CausalConfig:
     """Comma-separated denoising timesteps per chunk (before the shift), highest first."""
     shift: float = 5.0
     """Timestep shift: sigma = shift*s / (1 + (shift-1)*s) with s = t/1000 (Self-Forcing: 5)."""
-    sampler: str = "reinject"
+    sampler: Sampler = "reinject"
     """``reinject``: predict x0, re-noise it to the next timestep with fresh noise (Self-Forcing);
     ``euler``: a deterministic flow-matching Euler step."""
-    schedule: str = "staggered"
+    schedule: CausalSchedule = "staggered"
     """``sequential``: one chunk at a time (all steps, then commit); ``staggered``: a new chunk enters
     every iteration, so up to steps+1 chunks are in flight and N ranks stay busy."""
-    policy: str = "full"
+    policy: PolicyName = "full"
     """Committed frames each query frame attends to: ``full``, ``window`` (sliding window + sink),
     ``topk`` (attention top-k) or ``focused`` (Focused Forcing)."""
     budget: float = 0.25
@@ -157,12 +214,45 @@ class CausalConfig:
     frame's tokens, at least 4."""
     diversity: float = 0.3
     """Weight of redundancy against relevance in ``focused`` selection, in [0, 1)."""
-    rope: str = "absolute"
+    rope: RopeMode = "absolute"
     """``absolute`` frame positions (Wan's 1024-position table bounds the video to 1024 latent frames)
     or ``rebase`` (positions shifted back once the video passes the table)."""
 
     def timestep_list(self) -> list[int]:
         return [int(t) for t in self.timesteps.split(",") if t.strip()]
+
+    def validate(self, video: VideoConfig) -> None:
+        """Raise ConfigError for the first problem of this section, for the (valid) ``video``."""
+        lat = video.latent_frames
+        if self.chunk < 1:
+            raise ConfigError(f"causal.chunk must be >= 1, got {self.chunk}")
+        if self.chunk > lat:
+            need = (self.chunk - 1) * VAE_TEMPORAL + 1
+            raise ConfigError(f"--frames {video.frames} gives {lat} latent frames, fewer than one chunk of "
+                              f"{self.chunk}; use at least {need} frames or a smaller --chunk (causal.chunk)")
+        try:
+            ts = self.timestep_list()
+        except ValueError:
+            raise ConfigError(f"causal.timesteps must be comma-separated integers, got '{self.timesteps}'") from None
+        if not ts or any(not 0 < t <= 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+            raise ConfigError(f"causal.timesteps must be decreasing integers in (0, 1000], got '{self.timesteps}'")
+        if not 0.0 < self.shift <= 100.0:
+            raise ConfigError(f"causal.shift must be in (0, 100], got {self.shift}")
+        _check_choices(self)
+        try:
+            budget_frames = resolve_budget(self.budget, lat)
+        except ValueError:
+            raise ConfigError(f"causal.budget must be a fraction in (0, 1) or a whole number of frames, "
+                              f"got {self.budget}") from None
+        if self.policy == "window" and budget_frames <= self.sink:
+            raise ConfigError(f"causal.budget ({budget_frames} frames) must exceed causal.sink ({self.sink}) for "
+                              "the window policy: the sink frames count toward the budget")
+        if self.sink < 0 or self.pool < 0 or self.sample < 0:
+            raise ConfigError("causal.sink, causal.pool and causal.sample must be >= 0")
+        if not 0.0 <= self.diversity < 1.0:
+            raise ConfigError(f"causal.diversity must be in [0, 1), got {self.diversity}")
+        if self.rope == "absolute" and lat > 1024:
+            raise ConfigError(f"{lat} latent frames pass RoPE's 1024 positions; set causal.rope=rebase")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -179,6 +269,13 @@ class OutputConfig:
     """Iterations between checkpoints of the engine state (for --resume); 0 turns them off."""
     queue_blocks: int = 8
     """Finished blocks that may wait for decoding before denoising pauses (bounds memory)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first problem of this section on its own."""
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"output.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not 1 <= self.queue_blocks <= 1024:
+            raise ConfigError(f"output.queue_blocks must be in [1, 1024], got {self.queue_blocks}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -249,117 +346,36 @@ class Config:
         setattr(obj, key, value)
 
     def validate(self, world_size: int = 1, num_layers: int | None = None) -> None:
-        """Raise ConfigError for the first problem found."""
+        """Raise ConfigError for the first problem found: each section's own, then those across sections."""
+        for name in _SECTIONS:
+            _check_finite(getattr(self, name))
         v, s, p, m = self.video, self.sampling, self.parallel, self.model
-        if v.frames < 1 or (v.frames - 1) % VAE_TEMPORAL:
-            lo = (v.frames - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
-            near = sorted({max(lo, 1), max(lo + VAE_TEMPORAL, 1 + VAE_TEMPORAL)})
-            raise ConfigError(f"--frames {v.frames} is not of the form 4k+1 (Wan's VAE); try "
-                              + " or ".join(map(str, near)))
-        if v.frames > MAX_FRAMES:
-            raise ConfigError(f"--frames {v.frames} is past the longest supported video ({MAX_FRAMES} frames, "
-                              f"about {(MAX_FRAMES - 1) / 16 / 3600:.1f} hours at 16 fps)")
-        if p.block < 1:
-            raise ConfigError(f"parallel.block must be >= 1, got {p.block}")
+        v.validate()
+        p.validate()
         if s.mode != "causal" and v.latent_frames < p.block:  # causal mode cuts chunks, checked below
             need = (p.block - 1) * VAE_TEMPORAL + 1
             raise ConfigError(
                 f"--frames {v.frames} gives {v.latent_frames} latent frames, fewer than one block of "
                 f"{p.block}; use at least {need} frames or a smaller --block"
             )
-        if not 0 <= p.num_cat <= p.block:
-            raise ConfigError(f"parallel.num_cat must be in [0, block={p.block}], got {p.num_cat}")
-        for name, val in (("height", v.height), ("width", v.width)):
-            if val < 16 or val % 16:
-                raise ConfigError(f"video.{name} {val} must be a positive multiple of 16 (VAE x8, patch x2)")
-            if val > MAX_PIXELS:
-                raise ConfigError(f"video.{name} {val} is past {MAX_PIXELS} pixels")
-        if not 1 <= v.fps <= MAX_FPS:
-            raise ConfigError(f"video.fps must be in [1, {MAX_FPS}], got {v.fps}")
-        if not 1 <= s.steps <= 1000:
-            raise ConfigError(f"sampling.steps must be in [1, 1000], got {s.steps}")
-        if s.scheduler not in SCHEDULERS:
-            raise ConfigError(f"sampling.scheduler must be one of {SCHEDULERS}, got '{s.scheduler}'")
-        if not 0.0 < s.flow_shift <= 100.0:
-            raise ConfigError(f"sampling.flow_shift must be in (0, 100], got {s.flow_shift}")
-        if not 0.0 <= s.guidance <= 100.0:
-            raise ConfigError(f"sampling.guidance must be in [0, 100], got {s.guidance}")
-        if not 0 <= s.seed < 2**63:
-            raise ConfigError(f"sampling.seed must be in [0, 2^63), got {s.seed}")
-        if not 0 <= m.weights_seed < 2**63:
-            raise ConfigError(f"model.weights_seed must be in [0, 2^63), got {m.weights_seed}")
-        if not m.path and m.preset != "tiny":
-            raise ConfigError(f"model.preset '{m.preset}' is unknown (available: tiny; or give --model PATH)")
-        if m.transformer_file and not m.path:
-            raise ConfigError("model.transformer_file needs model.path (the folder gives config, VAE and text encoder)")
-        if m.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype must be one of {DTYPES}, got '{m.dtype}'")
-        if m.attention not in ATTENTION_BACKENDS:
-            raise ConfigError(f"model.attention must be one of {ATTENTION_BACKENDS}, got '{m.attention}'")
-        if m.compile not in COMPILE_MODES:
-            raise ConfigError(f"model.compile must be one of {COMPILE_MODES}, got '{m.compile}'")
+        s.validate()
+        m.validate()
         if m.compile != "off" and s.mode == "causal":
             raise ConfigError("model.compile applies to the bidirectional mode (causal chunks change shape with "
                               "their history); set model.compile=off")
         if m.attention != "native" and s.mode == "causal":
             raise ConfigError("model.attention applies to the bidirectional mode; causal mode's masked attention "
                               "uses torch SDPA (model.attention=native)")
-        if not 1 <= m.text_len <= 4096:
-            raise ConfigError(f"model.text_len must be in [1, 4096], got {m.text_len}")
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         if num_layers is not None and world_size > num_layers:
             raise ConfigError(
                 f"{world_size} ranks but the model has only {num_layers} DiT layers; use at most {num_layers} ranks"
             )
-        if p.backend not in BACKENDS:
-            raise ConfigError(f"parallel.backend must be one of {BACKENDS}, got '{p.backend}'")
-        if not 1.0 <= p.timeout_s <= 86400.0:
-            raise ConfigError(f"parallel.timeout_s must be in [1, 86400], got {p.timeout_s}")
-        self._validate_causal()
-        if self.output.checkpoint_every < 0:
-            raise ConfigError(f"output.checkpoint_every must be >= 0, got {self.output.checkpoint_every}")
-        if not 1 <= self.output.queue_blocks <= 1024:
-            raise ConfigError(f"output.queue_blocks must be in [1, 1024], got {self.output.queue_blocks}")
-
-    def _validate_causal(self) -> None:
-        s, c, lat = self.sampling, self.causal, self.video.latent_frames
-        if s.mode not in MODES:
-            raise ConfigError(f"sampling.mode must be one of {MODES}, got '{s.mode}'")
-        prompt_schedule(s.prompt, self.video.frames, causal=s.mode == "causal")
-        if s.mode != "causal":
-            return
-        if c.chunk < 1:
-            raise ConfigError(f"causal.chunk must be >= 1, got {c.chunk}")
-        if c.chunk > lat:
-            need = (c.chunk - 1) * VAE_TEMPORAL + 1
-            raise ConfigError(f"--frames {self.video.frames} gives {lat} latent frames, fewer than one chunk of "
-                              f"{c.chunk}; use at least {need} frames or a smaller --chunk (causal.chunk)")
-        try:
-            ts = c.timestep_list()
-        except ValueError:
-            raise ConfigError(f"causal.timesteps must be comma-separated integers, got '{c.timesteps}'") from None
-        if not ts or any(not 0 < t <= 1000 for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
-            raise ConfigError(f"causal.timesteps must be decreasing integers in (0, 1000], got '{c.timesteps}'")
-        if not 0.0 < c.shift <= 100.0:
-            raise ConfigError(f"causal.shift must be in (0, 100], got {c.shift}")
-        for key, val, allowed in (("sampler", c.sampler, ("reinject", "euler")),
-                                  ("schedule", c.schedule, ("sequential", "staggered")),
-                                  ("policy", c.policy, CAUSAL_POLICIES), ("rope", c.rope, ("absolute", "rebase"))):
-            if val not in allowed:
-                raise ConfigError(f"causal.{key} must be one of {allowed}, got '{val}'")
-        if c.budget <= 0 or (c.budget >= 1 and c.budget != int(c.budget)):
-            raise ConfigError(f"causal.budget must be a fraction in (0, 1) or a whole number of frames, got {c.budget}")
-        budget_frames = math.ceil(c.budget * lat) if c.budget < 1 else int(c.budget)
-        if c.policy == "window" and budget_frames <= c.sink:
-            raise ConfigError(f"causal.budget ({budget_frames} frames) must exceed causal.sink ({c.sink}) for the "
-                              "window policy: the sink frames count toward the budget")
-        if c.sink < 0 or c.pool < 0 or c.sample < 0:
-            raise ConfigError("causal.sink, causal.pool and causal.sample must be >= 0")
-        if not 0.0 <= c.diversity < 1.0:
-            raise ConfigError(f"causal.diversity must be in [0, 1), got {c.diversity}")
-        if c.rope == "absolute" and lat > 1024:
-            raise ConfigError(f"{lat} latent frames pass RoPE's 1024 positions; set causal.rope=rebase")
+        prompt_schedule(s.prompt, v.frames, causal=s.mode == "causal")
+        if s.mode == "causal":
+            self.causal.validate(v)  # the causal section is read in causal mode only
+        self.output.validate()
 
 
 _SCHEDULE_BAR = re.compile(r"(?<!\\)\|")
@@ -412,18 +428,52 @@ def prompt_schedule(prompt: str, frames: int, causal: bool = True) -> list[tuple
     return out
 
 
+def resolve_budget(budget: float, total_frames: int) -> int:
+    """A KV budget in frames: ``budget`` >= 1 counts frames (a whole number), 0 < ``budget`` < 1 is a
+    fraction of the video's ``total_frames`` latent frames (at least one frame); ValueError otherwise."""
+    if not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a finite number > 0, got {budget}")
+    if budget < 1:
+        return max(1, math.ceil(budget * total_frames))
+    if budget != int(budget):
+        raise ValueError(f"a budget of 1 or more counts frames and must be a whole number, got {budget}")
+    return int(budget)
+
+
+def choices(key: str) -> tuple:
+    """The allowed values of the enumerated config key ``section.key`` (its field's Literal type);
+    ``()`` for a key that is not enumerated."""
+    return _CHOICES.get(key, ())
+
+
+def _check_choices(section) -> None:
+    """ConfigError unless every enumerated key of the config section ``section`` holds an allowed value."""
+    name = _SECTION_NAMES[type(section)]
+    for f in dataclasses.fields(section):
+        allowed, val = choices(f"{name}.{f.name}"), getattr(section, f.name)
+        if allowed and val not in allowed:
+            raise ConfigError(f"{name}.{f.name} must be one of {allowed}, got '{val}'")
+
+
+def _check_finite(section) -> None:
+    """ConfigError for a NaN or infinite value in any float key of the config section ``section``."""
+    name = _SECTION_NAMES[type(section)]
+    for f in dataclasses.fields(section):
+        val = getattr(section, f.name)
+        if _FIELD_TYPES[(name, f.name)] is float and not math.isfinite(val):
+            raise ConfigError(f"{name}.{f.name} must be a finite number, got {val}")
+
+
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+_SECTION_NAMES: dict[type, str] = {cls: name for name, cls in get_type_hints(Config).items()}
 _FIELD_TYPES: dict[tuple[str, str], type] = {}
-for _sec, _cls in (
-    ("model", ModelConfig),
-    ("video", VideoConfig),
-    ("sampling", SamplingConfig),
-    ("parallel", ParallelConfig),
-    ("causal", CausalConfig),
-    ("output", OutputConfig),
-):
-    for _f in dataclasses.fields(_cls):
-        _FIELD_TYPES[(_sec, _f.name)] = {"int": int, "float": float, "str": str, "bool": bool}[_f.type]
+_CHOICES: dict[str, tuple] = {}
+for _cls, _sec in _SECTION_NAMES.items():
+    for _key, _hint in get_type_hints(_cls).items():
+        if get_origin(_hint) is Literal:
+            _CHOICES[f"{_sec}.{_key}"] = get_args(_hint)
+            _hint = type(get_args(_hint)[0])
+        _FIELD_TYPES[(_sec, _key)] = _hint
 
 
 def load_config(path: str | None, base: Config | None = None) -> Config:

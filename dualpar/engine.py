@@ -9,6 +9,7 @@ applied with the block's own scheduler. The loops themselves are :mod:`ring`'s.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import torch
@@ -34,9 +35,7 @@ class Plan(Geometry):
 
     def shape(self, task: sch.Task) -> BlockShape:
         lay = sch.layout(task, self.blocks, self.cfg.parallel.num_cat, self.cfg.sampling.steps)
-        return BlockShape(
-            context=lay.context, own=lay.own, extra=lay.extra, keep=lay.keep, height=self.lat_h, width=self.lat_w
-        )
+        return BlockShape(**dataclasses.asdict(lay), height=self.lat_h, width=self.lat_w)
 
     def packet_shape(self, task: sch.Task, model) -> tuple[int, ...]:
         s = self.shape(task)

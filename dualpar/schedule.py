@@ -114,13 +114,18 @@ class Layout:
     """Which frames one task's forward pass sees (derived from the task alone)."""
 
     context: int
-    """Leading latent frames taken from the older neighbour."""
+    """Leading latent frames taken from the older neighbour (their outputs are discarded)."""
     own: int
     """The block's own latent frames."""
     extra: int
     """Newer-neighbour frames whose cached K/V are appended."""
     keep: int
     """Own leading frames whose K/V must be cached for the older neighbour."""
+
+    @property
+    def frames(self) -> int:
+        """Latent frames of the forward pass's input: context, then own."""
+        return self.context + self.own
 
 
 def layout(task: Task, blocks: list[Block], num_cat: int, steps: int) -> Layout:

@@ -7,11 +7,14 @@
   diversity, head-dependent budgets);
 * :func:`attend` -- attention over the selected committed frames plus the
   frames always attended.
+
+The policy names (``PolicyName``) and the budget rule (``resolve_budget``) are
+declared in :mod:`dualpar.config`, which validates them without importing torch.
 """
 
 from .attention import Selection, attend, history_mass, sample_queries
-from .policy import POLICIES, auto_sample, FocusedForcing, Full, Policy, TopK, WindowSink, make_policy, resolve_budget
+from .policy import FocusedForcing, Full, Policy, TopK, WindowSink, auto_sample, make_policy
 from .store import KVStore
 
 __all__ = ["KVStore", "Selection", "attend", "history_mass", "sample_queries", "Policy", "Full", "WindowSink",
-           "TopK", "FocusedForcing", "POLICIES", "make_policy", "resolve_budget", "auto_sample"]
+           "TopK", "FocusedForcing", "make_policy", "auto_sample"]

@@ -14,13 +14,13 @@ Budgets count latent frames attended per query frame, committed history only
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 
+from dualpar.config import PolicyName, resolve_budget  # declared there: validated before torch is imported
 from .attention import Selection, history_mass, sample_queries
 from .store import KVStore
-
-POLICIES = ("full", "window", "topk", "focused")
 
 
 class Policy:
@@ -227,18 +227,7 @@ def auto_sample(tokens_per_frame: int) -> int:
     return max(4, tokens_per_frame // 64)
 
 
-def resolve_budget(budget: float, total_frames: int) -> int:
-    """A budget in frames (>= 1) or as a fraction of the video's latent frames (0 < budget < 1)."""
-    if budget <= 0:
-        raise ValueError(f"budget must be > 0, got {budget}")
-    if budget < 1:
-        return max(1, math.ceil(budget * total_frames))
-    if budget != int(budget):
-        raise ValueError(f"a budget of 1 or more counts frames and must be a whole number, got {budget}")
-    return int(budget)
-
-
-def make_policy(name: str, *, budget: float, total_frames: int, sink: int = 0, pool: int = 0,
+def make_policy(name: PolicyName, *, budget: float, total_frames: int, sink: int = 0, pool: int = 0,
                 sample: int = 0, diversity: float = 0.3) -> Policy:
     """A policy by name; ``budget`` in frames or as a fraction of ``total_frames`` (ignored by ``full``)."""
     if name == "full":
@@ -253,4 +242,4 @@ def make_policy(name: str, *, budget: float, total_frames: int, sink: int = 0, p
         return TopK(frames, pool, sink, sample)
     if name == "focused":
         return FocusedForcing(frames, pool, sink, sample, diversity)
-    raise ValueError(f"unknown policy '{name}' (known: {', '.join(POLICIES)})")
+    raise ValueError(f"unknown policy '{name}' (known: {', '.join(get_args(PolicyName))})")

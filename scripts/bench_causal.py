@@ -81,13 +81,15 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-POLICIES = ("window", "topk", "focused")
+from dualpar.config import choices, resolve_budget  # noqa: E402
+
+POLICIES = tuple(p for p in choices("causal.policy") if p != "full")  # the bounded ones, compared with full
 DEFAULT = dict(frames=513, height=128, width=128)
 QUICK = dict(frames=61, height=32, width=48)
 # The speed-up part: the launcher on 1 and 2 ranks (each run 10-30 s on this 2-core machine).
 SPEEDUP = dict(frames=513, height=128, width=128)
 SPEEDUP_QUICK = dict(frames=61, height=32, width=48)
-SCHEDULES = ("sequential", "staggered")
+SCHEDULES = choices("causal.schedule")
 # The kernel micro-benchmark: frame sizes in pixels (tokens per frame = (h/16) * (w/16): VAE 8x, patches 2x2).
 KERNEL = dict(sizes="128x192,240x416,480x832", history=64, heads=2, head_dim=128, repeat=3)
 KERNEL_QUICK = dict(sizes="64x64,96x128", history=16, heads=2, head_dim=128, repeat=1)
@@ -206,8 +208,6 @@ def run(engine, cfg, policy: str, budget: float, timers: Timers, repeat: int, re
     Deviations are measured on the first repeat (against ``ref``, or against ``done`` when ``ref`` is
     None); ``repeat_max_abs`` is the largest difference between repeats (generation is deterministic: 0).
     """
-    from kv_cache.policy import resolve_budget
-
     cfg.causal.policy = policy
     cfg.causal.budget = budget
     total = cfg.video.latent_frames
@@ -395,7 +395,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def run_kernel(sizes: list[tuple[int, int]], history: int, heads: int, head_dim: int, repeat: int, sink: int,
                pool: int, sample: int, diversity: float, seed: int = 0) -> dict:
     """Per frame size and policy: CPU ms of one ``store.ordered()``, ``policy.select`` and ``attend`` call."""
-    from kv_cache import attend, make_policy, resolve_budget
+    from kv_cache import attend, make_policy
 
     fq = KERNEL_QUERY_FRAMES
     rows = []
@@ -603,7 +603,6 @@ def main(argv=None) -> int:
         if args.kernel:
             if kernel["history"] < 4 or kernel["heads"] < 1 or kernel["repeat"] < 1:
                 raise ConfigError("--kernel-history must be >= 4, --kernel-heads and --kernel-repeat >= 1")
-            from kv_cache.policy import resolve_budget
             if resolve_budget(KERNEL_BUDGET, kernel["history"]) <= cfg.causal.sink:
                 raise ConfigError(f"--kernel-history {kernel['history']}: {KERNEL_BUDGET:.0%} of it must exceed the "
                                   f"{cfg.causal.sink} sink frames (the window policy's budget includes them)")
@@ -692,7 +691,6 @@ def speedup_part(args, sp) -> dict:
     """The speed-up runs for the config ``sp`` (size, policy and budget set; the schedule varies)."""
     from dualpar.causal import CausalPlan
     from dualpar.models import loader
-    from kv_cache.policy import resolve_budget
 
     gen_args = []
     if args.config:

@@ -155,7 +155,7 @@ def flops_model(dim, ffn, flops, batch=2, text_len=512):
 # -- per-rank memory ------------------------------------------------------------------------------
 #
 # What one rank holds while it runs a task, derived from the code (dualpar/models/wan.py's
-# forward_layers/_layer, dualpar/stage.py's FeatureCache, dualpar/comm.py's buffers), in bytes.
+# forward_layers and block_forward, dualpar/stage.py's FeatureCache, dualpar/comm.py's buffers), in bytes.
 # A [B, n, dim] tensor in the model dtype is the unit; norms and modulation run in float32
 # (``x.float()``), so some transients are 4 bytes/element even in bf16.
 
@@ -184,7 +184,7 @@ def head_params(dim, out_channels=16, patch=4):
 
 def layer_checkpoints(dim, ffn, heads, q_tokens, kv_tokens, batch, text_len, bytes_per_el, attn="flash",
                       x_in=True):
-    """Bytes live at each point of ``WanSlice._layer`` where a new peak can occur, beyond what is live
+    """Bytes live at each point of ``wan.block_forward`` (the layer of ``WanSlice.forward_layers``) where a new peak can occur, beyond what is live
     before ``forward_layers`` starts (weights, the incoming packet, caches, text K/V, RoPE tables).
 
     Returns ``{name: (bytes, kept)}``: ``kept`` is the share of this layer's new feature-cache entry
@@ -218,7 +218,7 @@ def layer_checkpoints(dim, ffn, heads, q_tokens, kv_tokens, batch, text_len, byt
     scaled = 0 if attn == "flash" else a(n) + a(m)  # math scales q and k into new tensors first
     mod = batch * 6 * dim * 4  # scale_shift_table + tproj.float(): [B, 6, dim] float32, chunked into views
     base = (a(n) if x_in else 0) + mod
-    h = a(n)  # the normed, modulated input of each sub-block (a local of _layer until replaced)
+    h = a(n)  # the normed, modulated input of each sub-block (a local of block_forward until replaced)
     return {
         "norm1": (base + norm_mod(n), 0),
         "q/k norm": (base + h + a(n) + a(n) + rms(n), 0),  # q, k = to_k(h), RMSNorm of k
@@ -230,7 +230,7 @@ def layer_checkpoints(dim, ffn, heads, q_tokens, kv_tokens, batch, text_len, byt
         "v": (base + h + a(n) + a(m) + a(m), 1),  # rotated q, keys, values [B, n + e, dim]; V of kept cloned
         "self-attention": (base + h + a(n) + a(m) + a(m) + scaled + a(n) + lse + scores(m), 1),
         "attn out proj": (base + h + a(n) + a(m) + a(m) + a(n) + flat + a(n), 1),  # + out, to_out[0](out)
-        # x.float() + attn * gate (attn stays a local of _layer until it returns)
+        # x.float() + attn * gate (attn stays a local of block_forward until it returns)
         "residual 1": (base + h + a(n) + n * tok * (up + 4 + 4), 1),
         "norm2": (base + a(n) + a(n) + h + n * tok * max(up + 4, 4 + down), 1),  # x, attn, old h, new h
         "cross q norm": (base + a(n) + a(n) + h + a(n) + rms(n), 1),

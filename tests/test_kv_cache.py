@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kv_cache import (FocusedForcing, Full, KVStore, Selection, TopK, WindowSink, attend, history_mass,
-                      make_policy, resolve_budget)
+from dualpar.config import resolve_budget
+from kv_cache import FocusedForcing, Full, KVStore, Selection, TopK, WindowSink, attend, history_mass, make_policy
 
 B, T, H, D = 2, 4, 3, 8
 
@@ -148,6 +148,9 @@ def test_budgets_and_capacities():
     assert resolve_budget(0.25, 129) == 33 and resolve_budget(5, 129) == 5
     with pytest.raises(ValueError):
         resolve_budget(2.5, 10)
+    for bad in (float("nan"), float("inf"), float("-inf")):  # not an OverflowError from int(inf)
+        with pytest.raises(ValueError, match="finite"):
+            resolve_budget(bad, 10)
     assert isinstance(make_policy("full", budget=0.25, total_frames=50), Full)
     w = make_policy("window", budget=10, total_frames=50, sink=3)
     assert isinstance(w, WindowSink) and w.capacity(50) == 10

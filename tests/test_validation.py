@@ -33,7 +33,6 @@ CASES = [
     (["--guidance", "-1"], "sampling.guidance"),
     (["--seed", "-5"], "sampling.seed"),
     (["--flow-shift", "0"], "sampling.flow_shift"),
-    (["--scheduler", "ddim"], "sampling.scheduler"),
     (["--dtype", "fp8"], "model.dtype"),
     (["--fps", "0"], "video.fps"),
     (["--fps", "5000000"], "video.fps must be in [1, 240]"),
@@ -52,7 +51,38 @@ CASES = [
     (["--set", "model.preset=huge"], "model.preset 'huge' is unknown"),
     (["--transformer-file", "x.safetensors"], "needs model.path"),
     (["--model", "/nonexistent/wan"], "/nonexistent/wan"),
+    # bad choices name the allowed values
+    (["--scheduler", "ddim"], "sampling.scheduler must be one of ('unipc', 'euler'), got 'ddim'"),
+    (["--mode", "causal", "--policy", "lru"], "causal.policy must be one of ('full', 'window', 'topk', 'focused')"),
+    (["--mode", "causal", "--set", "causal.rope=alibi"], "causal.rope must be one of ('absolute', 'rebase')"),
+    (["--mode", "causal", "--set", "causal.sampler=ddim"], "causal.sampler must be one of ('reinject', 'euler')"),
+    (["--set", "model.compile=jit"], "model.compile must be one of ('off', 'inductor', 'aot_eager')"),
+    (["--set", "parallel.backend=mpi"], "parallel.backend must be one of ('auto', 'nccl', 'gloo')"),
+    (["--mode", "causal", "--budget", "nan"], "causal.budget must be a finite number, got nan"),
 ]
+
+# Every float config key, with its flag where it has one: NaN and infinities are rejected by name.
+FLOAT_KEYS = {
+    "sampling.flow_shift": "--flow-shift",
+    "sampling.guidance": "--guidance",
+    "parallel.timeout_s": None,
+    "causal.shift": None,
+    "causal.budget": "--budget",
+    "causal.diversity": None,
+}
+for _key, _flag in FLOAT_KEYS.items():
+    for _yaml, _text in ((".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf")):
+        CASES.append((["--set", f"{_key}={_yaml}"], f"{_key} must be a finite number, got {_text}"))
+        if _flag:  # --flag=-inf: a separate "-inf" would be read as an option
+            CASES.append(([f"{_flag}={_text}"], f"{_key} must be a finite number, got {_text}"))
+
+
+def test_every_float_key_is_checked_for_non_finite_values():
+    from dualpar.config import Config
+
+    floats = {f"{sec}.{key}" for sec, values in Config().to_dict().items()
+              for key, value in values.items() if isinstance(value, float)}
+    assert floats == set(FLOAT_KEYS)
 
 
 @pytest.mark.parametrize("argv,message", CASES, ids=[" ".join(c[0]) for c in CASES])

@@ -11,7 +11,7 @@ torch SDPA (its per-frame masks are not supported by the flash kernels).
 
 from __future__ import annotations
 
-from ..config import ATTENTION_BACKENDS, ConfigError
+from ..config import ConfigError, choices
 
 # our name -> diffusers AttentionBackendName value
 DIFFUSERS_NAME = {
@@ -24,7 +24,7 @@ DIFFUSERS_NAME = {
     "flash3": "_flash_3",
     "sage": "sage",
 }
-assert tuple(DIFFUSERS_NAME) == ATTENTION_BACKENDS
+assert tuple(DIFFUSERS_NAME) == choices("model.attention")  # one entry per config choice, same order
 NEEDS_CUDA = {"cudnn", "efficient", "native-flash", "flash", "flash3", "sage"}
 
 
@@ -40,7 +40,7 @@ def check(name: str, device_type: str) -> None:
     from diffusers.models.attention_dispatch import _check_attention_backend_requirements
 
     if name not in DIFFUSERS_NAME:
-        raise ConfigError(f"model.attention must be one of {ATTENTION_BACKENDS}, got '{name}'")
+        raise ConfigError(f"model.attention must be one of {choices('model.attention')}, got '{name}'")
     if name in NEEDS_CUDA and device_type != "cuda":
         raise ConfigError(f"model.attention {name} needs a CUDA device (this run is on {device_type}); use native")
     try:

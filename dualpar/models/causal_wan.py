@@ -27,13 +27,13 @@ followed by 7 rows per frame (time embedding, then six modulation vectors).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from kv_cache import KVStore, Policy, attend
-from .wan import MOD_ROWS, WanSlice, apply_rope, guided
-
-ROPE_MODES = ("absolute", "rebase")
+from ..config import RopeMode, choices
+from .wan import MOD_ROWS, WanSlice, apply_rope, block_forward, guided
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +75,9 @@ class LayerCache:
 class CausalWan:
     """Causal passes over the layers of ``model`` (a :class:`WanSlice`); one per rank."""
 
-    def __init__(self, model: WanSlice, rope: str = "absolute"):
-        if rope not in ROPE_MODES:
-            raise ValueError(f"rope must be one of {ROPE_MODES}, got {rope!r}")
+    def __init__(self, model: WanSlice, rope: RopeMode = "absolute"):
+        if rope not in choices("causal.rope"):
+            raise ValueError(f"rope must be one of {choices('causal.rope')}, got {rope!r}")
         self.m = model
         self.rope = rope
         self.table = model.rope.max_seq_len
@@ -168,29 +168,13 @@ class CausalWan:
         tproj = mod.view(b, shape.frames, MOD_ROWS, -1)[:, :, 1:]  # [B, F, 6, dim]
         cross = self._cross_kv(shape.prompt)
         for i, blk in enumerate(m.layers):
-            x = self._layer(blk, x, cross[i], tproj, caches[i], shape, tpf)
+            step = partial(self._self_attention, cache=caches[i], shape=shape, tpf=tpf)
+            x, _ = block_forward(blk, x, tproj, cross[i], step, m.attention)
         return torch.cat([x, mod], dim=1, out=out)
 
-    def _layer(self, blk, x, cross_kv, tproj, cache, shape, tpf):
-        b, f = x.shape[0], shape.frames
-        per_frame = (blk.scale_shift_table[:, None] + tproj.float()).chunk(6, dim=2)  # [B, F, 1, dim] each
-        shift, scale, gate, c_shift, c_scale, c_gate = per_frame
-
-        def mod(h, sc, sh):  # per-frame modulation of token rows
-            return (h.view(b, f, tpf, -1) * (1 + sc) + sh).view(b, f * tpf, -1)
-
-        def gated(h, g):
-            return (h.view(b, f, tpf, -1) * g).view(b, f * tpf, -1)
-
-        h = mod(blk.norm1(x.float()), scale, shift).type_as(x)
-        x = (x.float() + gated(self._self_attention(blk.attn1, h, cache, shape, tpf), gate)).type_as(x)
-        h = blk.norm2(x.float()).type_as(x)
-        x = x + self.m._cross_attention(blk.attn2, h, cross_kv)
-        h = mod(blk.norm3(x.float()), c_scale, c_shift).type_as(x)
-        x = (x.float() + gated(blk.ffn(h).float(), c_gate)).type_as(x)
-        return x
-
     def _self_attention(self, a, h, cache: LayerCache, shape: ChunkShape, tpf: int):
+        """Block-causal self-attention of a chunk (the causal step of :func:`block_forward`); the chunk's
+        K/V go to ``cache`` (committed or pending), so nothing else is handed back: ``(out, None)``."""
         q = a.norm_q(a.to_q(h)).unflatten(2, (a.heads, -1))
         k = a.norm_k(a.to_k(h)).unflatten(2, (a.heads, -1))
         v = a.to_v(h).unflatten(2, (a.heads, -1))
@@ -222,7 +206,7 @@ class CausalWan:
                 cache.store.commit(fr, k[:, sl], v[:, sl], cache.policy.victim)
         elif shape.pending:
             cache.pending.append((own, k, v))
-        return a.to_out[1](a.to_out[0](out))
+        return a.to_out[1](a.to_out[0](out)), None
 
     # -- last rank: head -------------------------------------------------------
 

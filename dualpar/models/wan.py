@@ -2,9 +2,10 @@
 
 :class:`WanSlice` keeps layers ``[first, last)`` of the transformer, plus the
 patch and condition embedding when ``first == 0`` and the output head when
-``last`` is the final layer. Its layer forward is diffusers'
-``WanTransformerBlock.forward`` with two additions that block-wise denoising
-needs at every self-attention layer:
+``last`` is the final layer. Its layers run :func:`block_forward`, diffusers'
+``WanTransformerBlock.forward`` with a pluggable self-attention step (the causal
+mode, :mod:`.causal_wan`, plugs in its KV-cache step). The bidirectional step
+adds two things block-wise denoising needs at every self-attention layer:
 
 * extra keys/values appended to the block's own (the newer neighbour's first
   frames, from the stage's feature cache), and
@@ -21,35 +22,28 @@ so no rank but the first needs the condition embedder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
+from ..schedule import Layout
+
 MOD_ROWS = 7  # temb + 6 modulation vectors appended to the hidden states
 
 
 @dataclass(frozen=True, slots=True)
-class BlockShape:
-    """Geometry of one block's forward pass (identical on every rank)."""
+class BlockShape(Layout):
+    """Geometry of one block's forward pass (identical on every rank): the task's frame layout
+    and the latent frame size."""
 
-    context: int
-    """Leading context latent frames (outputs discarded)."""
-    own: int
-    """The block's own latent frames."""
-    extra: int
-    """Newer-neighbour frames whose cached K/V are appended (0 if none)."""
-    keep: int
-    """Own leading frames whose K/V are returned for caching (0: none)."""
     height: int
     """Latent height."""
     width: int
     """Latent width."""
-
-    @property
-    def frames(self) -> int:
-        return self.context + self.own
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,18 +201,13 @@ class WanSlice(nn.Module):
         self._compiled_layer = torch.compile(self._layer, backend=mode, dynamic=False)
 
     def _layer(self, blk, x, cross_kv, tproj, rope_q, rope_k, extra, keep):
-        # Mirrors diffusers' WanTransformerBlock.forward (wan2.1 path), fp32 norms and modulation.
-        shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table + tproj.float()).chunk(6, dim=1)
-        h = (blk.norm1(x.float()) * (1 + scale) + shift).type_as(x)
-        attn, kv = self._self_attention(blk.attn1, h, rope_q, rope_k, extra, keep)
-        x = (x.float() + attn * gate).type_as(x)
-        h = blk.norm2(x.float()).type_as(x)
-        x = x + self._cross_attention(blk.attn2, h, cross_kv)
-        h = (blk.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        x = (x.float() + blk.ffn(h).float() * c_gate).type_as(x)
-        return x, kv
+        # One modulation run: every token of the block shares the block's timestep.
+        step = partial(self._self_attention, rope_q=rope_q, rope_k=rope_k, extra=extra, keep=keep)
+        return block_forward(blk, x, tproj[:, None], cross_kv, step, self.attention)
 
     def _self_attention(self, a, h, rope_q, rope_k, extra, keep):
+        """Self-attention over the block's own K/V plus the ``extra`` neighbour K/V (the bidirectional
+        step of :func:`block_forward`); returns ``(out, kept)``: ``kept`` the K/V of the ``keep`` tokens."""
         q = a.norm_q(a.to_q(h))
         k = a.norm_k(a.to_k(h))
         k_keep = k[:, keep].clone() if keep is not None else None
@@ -251,13 +240,6 @@ class WanSlice(nn.Module):
         out = out.flatten(2, 3).type_as(q)
         return a.to_out[1](a.to_out[0](out)), kv
 
-    def _cross_attention(self, a, h, cross_kv):
-        q = a.norm_q(a.to_q(h)).unflatten(2, (a.heads, -1))
-        out = dispatch_attention_fn(q, cross_kv[0], cross_kv[1], attn_mask=None, dropout_p=0.0, is_causal=False,
-                                    backend=self.attention)
-        out = out.flatten(2, 3).type_as(q)
-        return a.to_out[1](a.to_out[0](out))
-
     # -- last rank: head ---------------------------------------------------
 
     def head(self, packet: torch.Tensor, shape: BlockShape, guidance: float, out=None) -> torch.Tensor:
@@ -275,6 +257,49 @@ class WanSlice(nn.Module):
         x = x.reshape(b, shape.own // pt, shape.height // ph, shape.width // pw, pt, ph, pw, -1)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         return guided(x.float(), guidance, out)
+
+
+def block_forward(blk, x: torch.Tensor, tproj: torch.Tensor, cross_kv, self_attention: Callable, backend=None):
+    """One Wan transformer block ``blk`` on ``x`` [B, L, dim]; returns ``(x, aux)``.
+
+    Mirrors diffusers' ``WanTransformerBlock.forward`` (wan2.1 path: fp32 norms
+    and modulation) except for self-attention, which is the caller's
+    ``self_attention(blk.attn1, h) -> (out [B, L, dim], aux)``: how its keys and
+    values are formed and attended is all that differs between the modes.
+    ``tproj`` [B, R, 6, dim] holds the six modulation rows of ``R`` equal runs
+    of tokens (one run: one timestep for the block; one run per frame: per-frame
+    timesteps). ``cross_kv`` is the layer's text K/V, ``backend`` the
+    cross-attention kernel (None: torch SDPA).
+    """
+    b, runs = x.shape[0], tproj.shape[1]
+    shift, scale, gate, c_shift, c_scale, c_gate = (blk.scale_shift_table[:, None] + tproj.float()).chunk(6, dim=2)
+
+    def per_run(h):  # token rows grouped by run, so each run's [B, R, 1, dim] rows broadcast over its tokens
+        return h.view(b, runs, -1, h.shape[-1])
+
+    def modulate(h, sc, sh):
+        return (per_run(h) * (1 + sc) + sh).view(h.shape)
+
+    def gated(h, g):
+        return (per_run(h) * g).view(h.shape)
+
+    h = modulate(blk.norm1(x.float()), scale, shift).type_as(x)
+    attn, aux = self_attention(blk.attn1, h)
+    x = (x.float() + gated(attn, gate)).type_as(x)
+    h = blk.norm2(x.float()).type_as(x)
+    x = x + cross_attention(blk.attn2, h, cross_kv, backend)
+    h = modulate(blk.norm3(x.float()), c_scale, c_shift).type_as(x)
+    x = (x.float() + gated(blk.ffn(h).float(), c_gate)).type_as(x)
+    return x, aux
+
+
+def cross_attention(a, h: torch.Tensor, cross_kv, backend=None) -> torch.Tensor:
+    """Attention of ``h`` [B, L, dim] to the prompt's cached K/V (see :meth:`WanSlice.cross_kv`)."""
+    q = a.norm_q(a.to_q(h)).unflatten(2, (a.heads, -1))
+    out = dispatch_attention_fn(q, cross_kv[0], cross_kv[1], attn_mask=None, dropout_p=0.0, is_causal=False,
+                                backend=backend)
+    out = out.flatten(2, 3).type_as(q)
+    return a.to_out[1](a.to_out[0](out))
 
 
 def guided(x: torch.Tensor, guidance: float, out: torch.Tensor | None = None) -> torch.Tensor:
