@@ -321,9 +321,23 @@ def main(argv: list[str] | None = None) -> int:
         if reports_errors():
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if rank == 0 and not start_ranks:
+        for line in warnings_for(cfg):
+            print(f"warning: {line}", file=sys.stderr)
     if start_ranks:
         return start_local_ranks(args.nproc, sys.argv[1:] if argv is None else argv)
     return run(cfg, args)
+
+
+def warnings_for(cfg: Config) -> list[str]:
+    """Valid settings that are probably not what the user meant (the run goes on)."""
+    found = []
+    s = cfg.sampling
+    if s.mode == "causal" and s.guidance > 1 and cfg.model.transformer_file:
+        found.append(f"causal mode with --guidance {s.guidance:g} and a --transformer-file: distilled causal "
+                     "checkpoints (Self-Forcing, CausVid) run without guidance; pass --guidance 1 unless "
+                     "yours was trained with it")
+    return found
 
 
 def start_local_ranks(nproc: int, argv: list[str]) -> int:

@@ -322,6 +322,8 @@ class Comm:
 
     def peer_error(self, peer: int, what: str, e: Exception | None = None) -> "PeerError":
         msg = (str(e).splitlines()[0] if str(e) else type(e).__name__) if e is not None else "timed out"
+        # the backend's words go into a one-line message and the manifest: plain ASCII (gloo adds emoji)
+        msg = " ".join("".join(ch for ch in msg if ch.isascii() and ch.isprintable()).split()) or type(e).__name__
         if "imed out" in msg or "imeout" in msg:
             return PeerError(f"rank {self.rank}: nothing from rank {peer} for {self.timeout.total_seconds():.0f} s "
                              f"({what}); it has failed or hangs")

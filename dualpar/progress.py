@@ -60,3 +60,33 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class BatchProgress:
+    """The Ray driver's one line for a whole job: frames written over all its videos, read from each
+    video's manifest (the actors draw no bars: forwarded through Ray, redraws become noise)."""
+
+    def __init__(self, outs: list[str], frames_per_video: int):
+        self.outs = outs
+        self.frames = [0] * len(outs)
+        self.bar = tqdm(total=len(outs) * frames_per_video, desc=f"[driver] {len(outs)} video(s)", unit="frame",
+                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+
+    def poll(self) -> None:
+        import json
+        import os
+
+        from .output import rundir
+
+        for i, out in enumerate(self.outs):
+            try:
+                with open(os.path.join(out, rundir.MANIFEST)) as f:
+                    self.frames[i] = int(json.load(f).get("frames_written", 0))
+            except (OSError, ValueError):
+                pass  # not started yet, or being replaced this instant
+        busy = next((i for i, f in enumerate(self.frames) if f < self.bar.total // len(self.outs)), len(self.outs) - 1)
+        self.bar.update(sum(self.frames) - self.bar.n)
+        self.bar.set_postfix_str(f"video {busy + 1}/{len(self.outs)}", refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()

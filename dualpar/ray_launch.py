@@ -20,6 +20,7 @@ import sys
 import time
 
 from .cli import ConfigError, build_parser, check_output_dir, check_runtime, probe_output_dir, validated_config
+from .progress import BatchProgress
 
 OBJECT_STORE_BYTES = 128 * 2**20  # only small messages go through Ray: keep a local instance lean
 
@@ -197,14 +198,19 @@ def drive(ray, cfg, args, videos) -> int:
     print("[driver] " + ", ".join(f"rank {r}: pid {p}" for r, p in enumerate(pids)), file=sys.stderr, flush=True)
     options = dict(device=args.device, threads=args.threads, resume=bool(args.resume), overwrite=args.overwrite,
                    trace=args.trace)
-    runs = {actors[r].run.remote(cfg.to_dict(), addr, port, videos, options): r for r in range(n)}
+    actor_cfg = cfg.to_dict()
+    actor_cfg["output"]["progress"] = False  # the driver draws the job's one bar
+    runs = {actors[r].run.remote(actor_cfg, addr, port, videos, options): r for r in range(n)}
     print(f"[driver] {n} actors ({'GPU' if gpus else 'CPU'}), rendezvous {addr}:{port}, "
           f"{len(videos)} video(s)", file=sys.stderr, flush=True)
+    progress = BatchProgress([out for _, out in videos], cfg.video.frames) if cfg.output.progress else None
     failed: str | None = None
     deadline = None
     pending = list(runs)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=5.0)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+        if progress is not None:
+            progress.poll()
         for ref in ready:
             rank = runs[ref]
             try:
@@ -220,6 +226,8 @@ def drive(ray, cfg, args, videos) -> int:
             deadline = time.time() + cfg.parallel.timeout_s + 30
         if deadline is not None and time.time() > deadline:
             break
+    if progress is not None:
+        progress.close()
     time.sleep(1.0)  # let the last forwarded log lines reach the driver
     for a in actors:
         ray.kill(a)

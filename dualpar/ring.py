@@ -56,12 +56,20 @@ class RunStats:
     """Bytes held by this rank's KV caches (causal mode)."""
     blocks: list[torch.Tensor] = field(default_factory=list)
     """Finished block latents (rank 0, only when ``keep_latents``)."""
+    comm_base: tuple[int, int] = (0, 0)
+    """The comm's bytes and messages sent before this video (a Ray job's actors make several)."""
+
+    @classmethod
+    def begin(cls, comm: Comm) -> "RunStats":
+        """Stats of one video: the comm's counters (which run on across a batch of videos) count from here."""
+        return cls(comm_base=(comm.bytes_sent, comm.messages_sent))
 
     def finish(self, comm: Comm, watch: Stopwatch, t0: float) -> "RunStats":
         """Fill in the totals at the end of the loop (resolves CUDA events: one sync)."""
         self.wall_s = time.perf_counter() - t0
         self.compute_s, self.wait_s = watch.total("compute"), watch.total("wait")
-        self.bytes_sent, self.messages_sent = comm.bytes_sent, comm.messages_sent
+        self.bytes_sent = comm.bytes_sent - self.comm_base[0]
+        self.messages_sent = comm.messages_sent - self.comm_base[1]
         self.send_buffer_bytes = comm.send_bytes_held
         return self
 
@@ -76,7 +84,7 @@ def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, p
     ``compute(task, packet, out)`` on it into a send buffer ``out``, and pass it on (the last
     rank sends its prediction back to rank 0). A stop message from rank 0 ends the loop; it is
     passed on."""
-    st, watch = RunStats(), Stopwatch(Clock(comm.device))
+    st, watch = RunStats.begin(comm), Stopwatch(Clock(comm.device))
     inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, packet_shape(t), dtype) for t in tasks))
     if comm.is_last:
         dst, kind, out_shape, out_dtype = 0, KIND_PRED, pred_shape, torch.float32
@@ -177,7 +185,7 @@ def run_first(mode: Mode, comm: Comm, state, tasks, base: int, writer=None, prog
     ``should_stop()`` turns true, the ring drains at the iteration boundary and
     ``checkpoint(state)`` is called; on a stop the other ranks are told first.
     """
-    plan, trace, st = mode.plan, mode.trace, RunStats()
+    plan, trace, st = mode.plan, mode.trace, RunStats.begin(comm)
     watch = Stopwatch(Clock(comm.device))
 
     def apply(task, pred: torch.Tensor) -> None:

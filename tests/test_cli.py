@@ -107,3 +107,21 @@ def test_resumed_run_says_what_it_made(root, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert 0 < before < 161 and f"{before} frames already written" in res.stderr, res.stderr[-3000:]
     assert f"done: {161 - before} frames of 161 (the rest before the resume) in " in res.stderr, res.stderr[-3000:]
+
+
+def test_ray_driver_bar_counts_frames_over_the_batch(tmp_path, capsys):
+    import json
+
+    from dualpar.progress import BatchProgress
+
+    outs = [tmp_path / "a", tmp_path / "b"]
+    bar = BatchProgress([str(o) for o in outs], 89)
+    bar.poll()  # nothing written yet: no manifest
+    assert bar.bar.n == 0 and bar.bar.total == 178
+    outs[0].mkdir()
+    (outs[0] / "manifest.json").write_text(json.dumps({"frames_written": 89}))
+    outs[1].mkdir()
+    (outs[1] / "manifest.json").write_text(json.dumps({"frames_written": 21}))
+    bar.poll()
+    assert bar.bar.n == 110 and "video 2/2" in str(bar.bar)
+    bar.close()

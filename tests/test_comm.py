@@ -102,3 +102,27 @@ def test_stop_message_is_seen_where_a_stop_may_come():
     for case in ("stop", "stop-deferred"):
         out = run(case)
         assert out[1] == {"got": [True, True, True, "stop"]}, (case, out)
+
+
+def test_peer_errors_are_one_plain_line():
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    me = SimpleNamespace(rank=1, timeout=timedelta(seconds=30))
+    err = Comm.peer_error(me, 0, "recv", RuntimeError("\U0001f6a8 Connection closed by peer  [127.0.0.1]:4242\nmore"))
+    assert str(err) == "rank 1: lost rank 0 (recv): Connection closed by peer [127.0.0.1]:4242"
+    assert "nothing from rank 0 for 30 s" in str(Comm.peer_error(me, 0, "recv", RuntimeError("Timed out waiting")))
+
+
+def test_stats_count_one_video_of_a_batch():
+    import time
+    from types import SimpleNamespace
+
+    from dualpar.ring import RunStats
+    from dualpar.trace import Clock, Stopwatch
+
+    comm = SimpleNamespace(bytes_sent=1000, messages_sent=10, send_bytes_held=64)  # after a first video
+    st = RunStats.begin(comm)
+    comm.bytes_sent, comm.messages_sent = 1600, 13
+    st.finish(comm, Stopwatch(Clock(torch.device("cpu"))), time.perf_counter())
+    assert (st.bytes_sent, st.messages_sent, st.send_buffer_bytes) == (600, 3, 64)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -70,12 +71,21 @@ def latents(out):
     return [load_file(out / b["latents"])["latents"] for b in man["blocks"]]
 
 
-def stopped_after_a_checkpoint(root, out):
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
     """A 1-rank run stopped by SIGTERM once it has written a checkpoint (resumable, incomplete)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
     p = start_run(1, out)
     wait_for(lambda: (out / "checkpoint.safetensors").is_file(), 300, "a checkpoint")
     p.send_signal(signal.SIGTERM)
     p.communicate(timeout=120)
+    assert manifest(out)["status"] == "incomplete"
+    return out
+
+
+def stopped_after_a_checkpoint(stopped, out):
+    """A copy of the stopped run for one test to change (copied files keep their times)."""
+    shutil.copytree(stopped, out)
     return out
 
 
@@ -156,10 +166,10 @@ def test_sigterm_finalizes_and_resumes(root, tmp_path, uninterrupted, n):
     assert max((a - b).abs().max().item() for a, b in zip(got, uninterrupted)) <= 1e-5
 
 
-def test_stale_checkpoint_of_another_run_is_refused(root, tmp_path):
+def test_stale_checkpoint_of_another_run_is_refused(stopped, tmp_path):
     # A checkpoint left in the directory by an earlier run must never be continued
     # under a new run's manifest: refused in one line, before anything is loaded.
-    out = stopped_after_a_checkpoint(root, tmp_path / "run")
+    out = stopped_after_a_checkpoint(stopped, tmp_path / "run")
     man = manifest(out)
     man["created_at"] = "another run"
     (out / "manifest.json").write_text(json.dumps(man))
@@ -182,10 +192,10 @@ def test_sigterm_stops_a_causal_run_cleanly(root, tmp_path):
     assert not (out / "checkpoint.safetensors").exists()
 
 
-def test_resume_refuses_overwrite_and_a_damaged_checkpoint_keeping_everything(root, tmp_path):
+def test_resume_refuses_overwrite_and_a_damaged_checkpoint_keeping_everything(stopped, tmp_path):
     from dualpar import checkpoint
 
-    out = stopped_after_a_checkpoint(root, tmp_path / "run")
+    out = stopped_after_a_checkpoint(stopped, tmp_path / "run")
     before = {f.name: f.stat().st_mtime_ns for f in out.rglob("*") if f.is_file()}
     # --overwrite with --resume would delete the very run being resumed: refused, nothing touched
     res = run(1, ["--resume", str(out), "--overwrite"], timeout=120)

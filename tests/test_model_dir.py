@@ -30,7 +30,8 @@ def tiny_dir(root, tmp_path_factory):
 def test_two_ranks_from_model_folder_equal_the_preset_reference(root, tmp_path, tiny_dir):
     # The folder holds the tiny preset's weights: loading it shard by shard on
     # 2 ranks must give the same latents as the in-memory serial reference.
-    launch(root, 2, tmp_path / "run", ["--model", str(tiny_dir)])
+    res = launch(root, 2, tmp_path / "run", ["--model", str(tiny_dir)])
+    assert "Loading weights" not in res.stderr and "%|" not in res.stderr  # --no-progress: no library's bars
     _, got = read_blocks(tmp_path / "run")
     ref = reference("unipc")
     assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-5
@@ -236,6 +237,18 @@ def test_shipped_real_model_configs_parse_and_validate(root, name, layers_hw):
     assert (cfg.sampling.steps, cfg.sampling.guidance, cfg.parallel.block, cfg.parallel.num_cat) == (50, 5.0, 8, 8)
     assert cfg.model.dtype == "bfloat16" and cfg.video.frames == 1025
     cfg.validate(world_size=8, num_layers=30)
+
+
+def test_shipped_self_forcing_config_matches_its_training(root):
+    from dualpar.config import load_config, resolve_budget
+
+    cfg = load_config(os.path.join(root, "configs", "self-forcing-1.3b-480p.yaml"))
+    cfg.validate(world_size=8, num_layers=30)
+    c, lat = cfg.causal, cfg.video.latent_frames
+    assert cfg.sampling.mode == "causal" and cfg.sampling.guidance == 1.0  # distilled: no CFG
+    assert lat % c.chunk == 0  # every chunk is 3 latent frames, as Self-Forcing generates them
+    # Self-Forcing's local_attn_size (21, its training length) counts the chunk being generated
+    assert c.policy == "window" and resolve_budget(c.budget, lat) + c.chunk == 21
 
 
 def test_original_wan_naming_file_through_the_launcher(root, tmp_path, tiny_dir):

@@ -104,7 +104,8 @@ def write(tmp_path, text):
 @pytest.mark.parametrize("text,message", [
     ("video:\n  fps2: 3\n", "unknown key 'video.fps2'"),
     ("video:\n  frames: many\n", "'video.frames' must be int"),
-    ("video: [\n", "not valid YAML"),
+    ("video: [\n", "not valid YAML at line 2, column 1"),
+    ("video:\n\tframes: 3\n", "not valid YAML at line 2, column 1: found character '\\t'"),
     ("colour: red\n", "unknown section 'colour'"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("sampling:\n  guidance: true\n", "'sampling.guidance' must be float"),
@@ -112,6 +113,21 @@ def write(tmp_path, text):
 def test_bad_config_file(capsys, tmp_path, text, message):
     code, err = run_main(capsys, BASE + ["--config", write(tmp_path, text), "--out", str(tmp_path / "o")])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_causal_guidance_with_a_distilled_checkpoint_warns():
+    from dualpar.cli import warnings_for
+    from dualpar.config import Config
+
+    def cfg(mode, guidance, transformer_file):
+        c = Config()
+        c.sampling.mode, c.sampling.guidance, c.model.transformer_file = mode, guidance, transformer_file
+        return c
+
+    (line,) = warnings_for(cfg("causal", 5.0, "sf.pt"))
+    assert "--guidance 5" in line and "--guidance 1" in line
+    assert warnings_for(cfg("causal", 1.0, "sf.pt")) == []
+    assert warnings_for(cfg("causal", 5.0, "")) == [] and warnings_for(cfg("bidirectional", 5.0, "sf.pt")) == []
 
 
 def test_missing_config_file(capsys, tmp_path):

@@ -99,11 +99,21 @@ def _load_slice(cfg: Config, first: int, last: int, device: torch.device) -> Wan
     return part.eval().requires_grad_(False)
 
 
+def _hub_bars(cfg: Config) -> None:
+    """diffusers' and transformers' own loading bars follow ``output.progress`` (off: no bar of theirs)."""
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    for lib in (dl, tl):
+        (lib.enable_progress_bar if cfg.output.progress else lib.disable_progress_bar)()
+
+
 def load_vae(cfg: Config, device: torch.device | str = "cpu"):
     """The VAE, in float32, for the rank that writes the output."""
     if cfg.model.path:
         from diffusers import AutoencoderKLWan
 
+        _hub_bars(cfg)
         vae = AutoencoderKLWan.from_pretrained(cfg.model.path, subfolder="vae", torch_dtype=torch.float32)
     else:
         from .tiny import tiny_vae
@@ -117,6 +127,7 @@ def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
     if cfg.model.path:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        _hub_bars(cfg)
         tok = AutoTokenizer.from_pretrained(cfg.model.path, subfolder="tokenizer")
         # T5 activations overflow in float16: run the encoder in bfloat16 then.
         dtype = torch.bfloat16 if cfg.model.dtype == "float16" else torch_dtype(cfg.model.dtype)
