@@ -69,8 +69,12 @@ class BatchProgress:
     def __init__(self, outs: list[str], frames_per_video: int):
         self.outs = outs
         self.frames = [0] * len(outs)
+        self.stream = sys.stderr
         self.bar = tqdm(total=len(outs) * frames_per_video, desc=f"[driver] {len(outs)} video(s)", unit="frame",
-                        file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+                        file=self.stream, dynamic_ncols=True, smoothing=0.1)
+        # Ray prints the actors' lines to the driver's stdout/stderr: whole lines, above the bar
+        self.saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _AboveBar(sys.stdout, self.bar), _AboveBar(sys.stderr, self.bar)
 
     def poll(self) -> None:
         import json
@@ -89,4 +93,34 @@ class BatchProgress:
         self.bar.set_postfix_str(f"video {busy + 1}/{len(self.outs)}", refresh=True)
 
     def close(self) -> None:
+        for wrapped in (sys.stdout, sys.stderr):
+            if isinstance(wrapped, _AboveBar):
+                wrapped.flush_line()
+        sys.stdout, sys.stderr = self.saved
         self.bar.close()
+
+
+class _AboveBar:
+    """A text stream that writes whole lines above a tqdm bar (cleared, then redrawn), never glued to it."""
+
+    def __init__(self, stream, bar):
+        self.stream, self.bar, self.pending = stream, bar, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        if "\n" in self.pending:
+            lines, self.pending = self.pending.rsplit("\n", 1)
+            with self.bar.external_write_mode(file=self.bar.fp):
+                self.stream.write(lines + "\n")
+                self.stream.flush()
+        return len(text)
+
+    def flush_line(self) -> None:
+        if self.pending:
+            self.write("\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the real stream
+        return getattr(self.stream, name)

@@ -14,6 +14,7 @@ message naming the rank when an actor dies.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import socket
 import sys
@@ -167,12 +168,16 @@ def drive(ray, cfg, args, videos) -> int:
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     n, local = args.world_size, args.address is None
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in a log file
     try:
         if not local:
             reachable(args.address)
         if local:
+            # Our own instance: Ray's start-up notices (a fresh token, "started a local instance")
+            # are not the user's business; its errors still show.
             ray.init(num_cpus=max(n, os.cpu_count() or 1), include_dashboard=False,
-                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True)
+                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True, logging_level=logging.ERROR)
         else:
             ray.init(address=args.address, log_to_driver=True)
     except ConnectionError as e:
