@@ -48,9 +48,9 @@ SETTINGS = {
     "full": dict(sweep_frames=[65, 129, 257, 513, 1025], speedup_frames=None, repeat=2,
                  sim_calib=dict(frames=257, block=8, num_cat=4), sim_target=dict(frames=513, block=4, num_cat=2),
                  causal_args=[], comm_args=[]),  # bench_causal.py's and bench_comm.py's defaults
-    # Smoke test of the whole pipeline: short videos, one repeat, a small simulator case; the causal
+    # Smoke test of the whole pipeline: one short length, one repeat, a small simulator case; the causal
     # section on bench_causal.py's quick cases with one repeat and the staggered schedule only (2 launches).
-    "quick": dict(sweep_frames=[33, 65], speedup_frames=33, repeat=1,
+    "quick": dict(sweep_frames=[33], speedup_frames=33, repeat=1,
                   sim_calib=dict(frames=65, block=8, num_cat=4), sim_target=dict(frames=33, block=4, num_cat=2),
                   causal_args=["--quick", "--schedules", "staggered"],
                   comm_args=["--messages", "5", "--ranks", "2", "--delay", "0.02"]),

@@ -1,9 +1,9 @@
 """Invariant 1: the pipelined engine on N ranks computes exactly the serial reference.
 
 Runs ``launch/gen.py`` on N gloo ranks on CPU (forked by the tests' fork
-server; the streamed-MP4 test goes through the real torchrun) and compares
-every block's latents with :func:`dualpar.reference.serial_reference`, an
-independent plain implementation of the schedule's semantics.
+server; tests/test_cli.py runs the real launcher's ranks against one rank) and
+compares every block's latents with :func:`dualpar.reference.serial_reference`,
+an independent plain implementation of the schedule's semantics.
 """
 
 import json
@@ -73,8 +73,7 @@ def test_context_changes_the_result(root, tmp_path):
 
 
 def test_two_ranks_stream_a_complete_mp4(root, tmp_path):
-    # the real torchrun: what the fork server's ranks compute, a user's ranks compute too
-    launch(root, 2, tmp_path / "video", decode=True, launcher="real")
+    launch(root, 2, tmp_path / "video", decode=True)
     man, got = read_blocks(tmp_path / "video")
     assert max((a - b).abs().max().item() for a, b in zip(got, reference("unipc"))) <= 1e-5
     assert man["frames_written"] == man["frames_total"] == 89
