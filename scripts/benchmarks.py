@@ -748,6 +748,30 @@ def render_comm(data: dict, ctx: Ctx) -> str:
         "16-byte tag written on the device. Counts are taken inside the comm's own calls.", "", *table])
 
 
+# -- bad input -------------------------------------------------------------------------------
+
+
+def run_reject(ctx: Ctx) -> dict:
+    out = os.path.join(ctx.work, "reject.json")
+    args = ["--repeat", ctx.settings["repeat"]]
+    run_script("bench_reject.py", *args, "--json", out)
+    return dict(read_json(out), command=command("bench_reject.py", *args))
+
+
+def render_reject(data: dict, ctx: Ctx) -> str:
+    heavy = data["heavy_import_s"]
+    table = ["| bad input | rejected in s | vs importing torch, diffusers, transformers |", "|---|---|---|"]
+    table += [f"| {c['case']} (`{' '.join(c['argv'])}`) | {c['reject_s']:.2f} | {c['reject_s'] / heavy:.2f}x |"
+              for c in data["cases"]]
+    worst = max(c["reject_s"] for c in data["cases"])
+    return "\n".join([
+        "## Bad input, turned away", "",
+        f"`{data['command']}`: each case is a fresh `python launch/gen.py` process that ends with exit status 2 and "
+        f"one `error:` line, best of {data['repeat']}; beside it, a fresh process that only imports torch, diffusers "
+        f"and transformers takes {heavy:.2f} s. Everything is validated before those imports, so the slowest case "
+        f"here ({worst:.2f} s) is {heavy / worst:.0f}x quicker than the imports alone.", "", *table])
+
+
 def render_gpu(_data, ctx: Ctx) -> str:
     path = os.path.join(ctx.plots, "gpu_check.json")
     head = ["## GPU", ""]
@@ -771,6 +795,7 @@ SECTIONS = [
     Section("projection", run_projection, render_projection),
     Section("causal", run_causal, render_causal),
     Section("comm", run_comm, render_comm),
+    Section("reject", run_reject, render_reject),
     Section("gpu", None, render_gpu),
 ]
 

@@ -103,8 +103,8 @@ def gen(n, args, *, launcher="fork", expect=0, timeout=300, env=None):
     return res
 
 
-# The slowest files first (measured on a clean clone, 2 cores): with ``pytest -n 2 --dist loadfile``
-# the two workers then finish together instead of one waiting on a long file picked up last.
+# The slowest files first (measured on a clean clone, 2 cores): with ``pytest -n 3 --dist loadfile``
+# the workers then finish together instead of one waiting on a long file picked up last.
 SLOWEST_FIRST = ("test_benchmarks.py", "test_failures.py", "test_ray.py", "test_causal.py", "test_gpu_check.py",
                  "test_model_dir.py", "test_parallel.py", "test_gpu_options.py")
 

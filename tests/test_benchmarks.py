@@ -1,7 +1,7 @@
 """The benchmark scripts on small cases, all from ONE ``scripts/benchmarks.py --quick`` run.
 
 Every benchmark script (bench.py, bench_speedup.py, simulate.py, bench_causal.py,
-bench_comm.py) runs inside that one run, exactly as a full regeneration of
+bench_comm.py, bench_reject.py) runs inside that one run, exactly as a full regeneration of
 BENCHMARKS.md runs them, and stores its figures in results.json; the tests
 below check each script's figures there, then the markdown and plots made
 from them. No timing assertions: only well-formed output and the exact
@@ -142,6 +142,14 @@ def test_comm_counts(quick):
     assert "| sender's send-window peak, MB |" in quick["md"]
 
 
+def test_bad_input_cases(quick):
+    """bench_reject.py: every case ended with status 2 and one error line (the script checks both)."""
+    data = quick["results"]["reject"]
+    assert len(data["cases"]) == 5 and data["heavy_import_s"] > 0
+    assert all(c["reject_s"] > 0 and c["message"].startswith("error: ") for c in data["cases"])
+    assert "| bad input | rejected in s |" in quick["md"] and "## Bad input, turned away" in quick["md"]
+
+
 def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
     md, plots, results = quick["md"], quick["plots"], quick["results"]
     assert md.startswith("# Benchmarks") and "python scripts/benchmarks.py" in md
@@ -157,7 +165,7 @@ def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         assert f"](docs/benchmarks/{name})" in md
-    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "comm"} <= set(results)
+    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "comm", "reject"} <= set(results)
     causal = md[md.index("## Causal mode"):]
     rows = [ln for ln in causal.splitlines() if ln.startswith("| ")]
     for name in ("full", *BOUNDED):
