@@ -61,7 +61,8 @@ def main() -> None:
     print("| bad input | rejected in s | vs the heavy imports |")
     print("|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} (`{' '.join(r['argv'])}`) | {r['reject_s']:.2f} | {r['reject_s'] / heavy:.2f}x |")
+        argv = " ".join(r["argv"]).replace("|", "\\|")  # a '|' inside a markdown cell must be escaped
+        print(f"| {r['case']} (`{argv}`) | {r['reject_s']:.2f} | {r['reject_s'] / heavy:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"repeat": args.repeat, "heavy_import_s": heavy, "cases": rows}, f, indent=2)

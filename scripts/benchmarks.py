@@ -761,8 +761,9 @@ def run_reject(ctx: Ctx) -> dict:
 def render_reject(data: dict, ctx: Ctx) -> str:
     heavy = data["heavy_import_s"]
     table = ["| bad input | rejected in s | vs importing torch, diffusers, transformers |", "|---|---|---|"]
-    table += [f"| {c['case']} (`{' '.join(c['argv'])}`) | {c['reject_s']:.2f} | {c['reject_s'] / heavy:.2f}x |"
-              for c in data["cases"]]
+    for c in data["cases"]:
+        argv = " ".join(c["argv"]).replace("|", "\\|")  # a '|' inside a markdown cell must be escaped
+        table.append(f"| {c['case']} (`{argv}`) | {c['reject_s']:.2f} | {c['reject_s'] / heavy:.2f}x |")
     worst = max(c["reject_s"] for c in data["cases"])
     return "\n".join([
         "## Bad input, turned away", "",
