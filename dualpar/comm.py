@@ -94,6 +94,21 @@ def _gloo_on_loopback_when_local() -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 
+def _join(rank: int, world: int, timeout_s: float):
+    """The rendezvous store, made as ``env://`` makes it (rank 0 hosts it, or torchrun's agent does),
+    but failing in ``timeout_s`` with a clear message when not every rank joins."""
+    addr, port = os.environ.get("MASTER_ADDR", "localhost"), int(os.environ.get("MASTER_PORT", "29500"))
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    try:
+        return dist.TCPStore(addr, port, world_size=world, is_master=rank == 0 and not agent,
+                             timeout=timedelta(seconds=timeout_s), multi_tenant=not agent)
+    except Exception as e:  # DistStoreError, or a refused or unresolvable address
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CommError(f"rank {rank}: not all {world} ranks joined at {addr}:{port} within {timeout_s:.0f} s "
+                        f"(parallel.join_timeout_s); start every rank, e.g. launch/gen.py --nproc {world} "
+                        f"({why[:200]})") from None
+
+
 def default_device(backend: str = "auto") -> str:
     """``cuda:LOCAL_RANK`` when CUDA is there (all ranks share GPUs round-robin under gloo), else ``cpu``."""
     if not torch.cuda.is_available():
@@ -153,12 +168,13 @@ class Comm:
 
     @classmethod
     def from_env(cls, device: str | None = None, timeout_s: float = 120.0, startup_timeout_s: float = 1800.0,
-                 backend: str = "auto", warm_up: bool = True) -> "Comm":
+                 backend: str = "auto", warm_up: bool = True, join_timeout_s: float = 300.0) -> "Comm":
         """Join the process group described by torchrun's environment (or run alone).
 
         Collectives at start-up (rank 0 loading and running the text encoder while
         the others wait) may take ``startup_timeout_s``; every wait while
-        generating is bounded by ``timeout_s``. ``backend`` ``auto`` is NCCL on
+        generating is bounded by ``timeout_s``; every rank must have joined
+        within ``join_timeout_s``. ``backend`` ``auto`` is NCCL on
         CUDA and gloo on CPU; ``gloo`` on CUDA lets several ranks share a GPU.
         """
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -170,7 +186,10 @@ class Comm:
             name = ("nccl" if dev.type == "cuda" else "gloo") if backend == "auto" else backend
             if name == "gloo":
                 _gloo_on_loopback_when_local()
-            dist.init_process_group(name, rank=rank, world_size=world, timeout=timedelta(seconds=startup_timeout_s))
+            store = _join(rank, world, join_timeout_s)
+            store.set_timeout(timedelta(seconds=startup_timeout_s))
+            dist.init_process_group(name, store=store, rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=startup_timeout_s))
         comm = cls(rank, world, dev, timeout_s, startup_timeout_s)
         if warm_up:
             comm.warm_up()

@@ -41,7 +41,7 @@ VAE_SPATIAL = 8
 
 # Keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = ("output.out", "output.progress", "output.queue_blocks", "output.checkpoint_every",
-                     "parallel.timeout_s")
+                     "parallel.timeout_s", "parallel.join_timeout_s")
 
 
 MAX_FRAMES = 4 * 65536 + 1
@@ -170,6 +170,8 @@ class ParallelConfig:
     """Context latent frames borrowed from each neighbour block (paper: 8); 0 disables context."""
     timeout_s: float = 120.0
     """Longest wait for a peer's message while generating; past it the run fails, naming the peer."""
+    join_timeout_s: float = 300.0
+    """Longest wait at start-up for every rank to join (a rank never started, a wrong MASTER_ADDR)."""
     backend: Backend = "auto"
     """Process-group backend: ``auto`` (NCCL on GPUs, gloo on CPUs), ``nccl``, or ``gloo`` (on GPUs it
     stages tensors through pinned host memory, so several ranks can share one GPU: for checks)."""
@@ -183,6 +185,8 @@ class ParallelConfig:
         _check_choices(self)
         if not 1.0 <= self.timeout_s <= 86400.0:
             raise ConfigError(f"parallel.timeout_s must be in [1, 86400], got {self.timeout_s}")
+        if not 1.0 <= self.join_timeout_s <= 86400.0:
+            raise ConfigError(f"parallel.join_timeout_s must be in [1, 86400], got {self.join_timeout_s}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -35,7 +35,8 @@ class Job:
 
         torch.set_num_threads(threads or 1)
         self.cfg = cfg
-        self.comm = Comm.from_env(device=device, timeout_s=cfg.parallel.timeout_s, backend=cfg.parallel.backend)
+        self.comm = Comm.from_env(device=device, timeout_s=cfg.parallel.timeout_s, backend=cfg.parallel.backend,
+                                  join_timeout_s=cfg.parallel.join_timeout_s)
         self.rank = self.comm.rank
         if self.comm.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the VAE's 3-D convolutions: fixed shapes per block

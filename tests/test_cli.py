@@ -125,3 +125,20 @@ def test_ray_driver_bar_counts_frames_over_the_batch(tmp_path, capsys):
     bar.poll()
     assert bar.bar.n == 110 and "video 2/2" in str(bar.bar)
     bar.close()
+
+
+def test_a_rank_whose_peers_never_start_stops_in_join_timeout(tmp_path):
+    """Rank 0 of 2 started by hand, rank 1 never: one clear line once parallel.join_timeout_s is up."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    t0 = time.time()
+    res = gen(1, [*ARGS, "--no-decode", "--set", "parallel.join_timeout_s=3", "--out", str(tmp_path / "o")],
+              launcher="real", expect=None, timeout=120, env=env)
+    assert res.returncode != 0 and time.time() - t0 < 60
+    assert "not all 2 ranks joined at 127.0.0.1:" in res.stderr and "--nproc 2" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
