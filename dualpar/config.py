@@ -41,7 +41,7 @@ VAE_SPATIAL = 8
 
 # Keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = ("output.out", "output.progress", "output.queue_blocks", "output.checkpoint_every",
-                     "parallel.timeout_s", "parallel.join_timeout_s")
+                     "parallel.timeout_s", "parallel.join_timeout_s", "parallel.split")
 
 
 MAX_FRAMES = 4 * 65536 + 1
@@ -172,6 +172,10 @@ class ParallelConfig:
     """Longest wait for a peer's message while generating; past it the run fails, naming the peer."""
     join_timeout_s: float = 300.0
     """Longest wait at start-up for every rank to join (a rank never started, a wrong MASTER_ADDR)."""
+    split: str = "even"
+    """Layers per rank: ``even`` (sizes differ by at most one, the spare layers to the middle ranks),
+    or one count per rank, comma-separated (``2,3,3``: 8 layers on 3 ranks), e.g. to lighten rank 0,
+    which also embeds, steps the scheduler and decodes."""
     backend: Backend = "auto"
     """Process-group backend: ``auto`` (NCCL on GPUs, gloo on CPUs), ``nccl``, or ``gloo`` (on GPUs it
     stages tensors through pinned host memory, so several ranks can share one GPU: for checks)."""
@@ -187,6 +191,17 @@ class ParallelConfig:
             raise ConfigError(f"parallel.timeout_s must be in [1, 86400], got {self.timeout_s}")
         if not 1.0 <= self.join_timeout_s <= 86400.0:
             raise ConfigError(f"parallel.join_timeout_s must be in [1, 86400], got {self.join_timeout_s}")
+        self.layer_counts()
+
+    def layer_counts(self) -> list[int] | None:
+        """The split's layer count per rank (None: ``even``); ConfigError for a malformed split."""
+        if self.split == "even":
+            return None
+        parts = str(self.split).split(",")
+        if not all(_FRAME.fullmatch(p.strip()) and int(p) >= 1 for p in parts):
+            raise ConfigError(f"parallel.split must be 'even' or a layer count >= 1 per rank, comma-separated "
+                              f"(e.g. 2,3,3), got {self.split!r}")
+        return [int(p) for p in parts]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -376,6 +391,11 @@ class Config:
             raise ConfigError(
                 f"{world_size} ranks but the model has only {num_layers} DiT layers; use at most {num_layers} ranks"
             )
+        counts = p.layer_counts()
+        if counts is not None and len(counts) != world_size:
+            raise ConfigError(f"parallel.split gives {len(counts)} layer counts for {world_size} rank(s)")
+        if counts is not None and num_layers is not None and sum(counts) != num_layers:
+            raise ConfigError(f"parallel.split {p.split} adds up to {sum(counts)} layers; the model has {num_layers}")
         prompt_schedule(s.prompt, v.frames, causal=s.mode == "causal")
         if s.mode == "causal":
             self.causal.validate(v)  # the causal section is read in causal mode only

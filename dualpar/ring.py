@@ -142,7 +142,7 @@ class Geometry:
     def __init__(self, cfg: Config, world: int, num_layers: int, block: int):
         self.cfg = cfg
         self.blocks = sch.split_blocks(cfg.video.latent_frames, block)
-        self.layers = sch.split_layers(num_layers, world)
+        self.layers = sch.split_layers(num_layers, world, cfg.parallel.layer_counts())
         self.lat_h = cfg.video.height // loader.VAE_SPATIAL
         self.lat_w = cfg.video.width // loader.VAE_SPATIAL
         self.batch = 2 if cfg.sampling.guidance > 1.0 else 1

@@ -139,19 +139,24 @@ def layout(task: Task, blocks: list[Block], num_cat: int, steps: int) -> Layout:
     return Layout(context=context, own=own, extra=extra, keep=keep)
 
 
-def split_layers(num_layers: int, world: int) -> list[tuple[int, int]]:
-    """Contiguous layer ranges, one per rank, sizes differing by at most one.
+def split_layers(num_layers: int, world: int, counts: list[int] | None = None) -> list[tuple[int, int]]:
+    """Contiguous layer ranges, one per rank: ``counts`` layers each, or sizes differing by at most one.
 
     Rank 0 also embeds and applies the scheduler and the last rank runs the
-    head, so the spare layers go to the ranks in between first.
+    head, so the spare layers of an even split go to the ranks in between first.
     """
     if not 1 <= world <= num_layers:
         raise ValueError(f"cannot split {num_layers} layers over {world} ranks")
-    base, spare = divmod(num_layers, world)
-    order = list(range(1, world - 1)) + [world - 1, 0] if world > 2 else list(range(world))[::-1]
-    sizes = [base] * world
-    for r in order[:spare]:
-        sizes[r] += 1
+    if counts is not None:
+        if len(counts) != world or sum(counts) != num_layers or min(counts) < 1:
+            raise ValueError(f"cannot split {num_layers} layers over {world} ranks as {counts}")
+        sizes = list(counts)
+    else:
+        base, spare = divmod(num_layers, world)
+        order = list(range(1, world - 1)) + [world - 1, 0] if world > 2 else list(range(world))[::-1]
+        sizes = [base] * world
+        for r in order[:spare]:
+            sizes[r] += 1
     ranges, start = [], 0
     for s in sizes:
         ranges.append((start, start + s))

@@ -64,6 +64,23 @@ def test_n_ranks_equal_serial_reference(root, tmp_path, n, scheduler):
     assert diff <= 1e-5, f"{n} ranks differ from the serial reference by {diff}"
 
 
+@pytest.mark.parametrize("split", ["1,3,4", "4,3,1"])
+def test_an_uneven_layer_split_equals_the_serial_reference(root, tmp_path, split):
+    res = launch(root, 3, tmp_path / "run", ["--set", f"parallel.split={split}"])
+    counts = [int(c) for c in split.split(",")]
+    ends = [sum(counts[:r + 1]) for r in range(3)]
+    for r in range(3):  # each rank really holds the layers the split gives it
+        assert f"[rank {r}] layers [{ends[r] - counts[r]}, {ends[r]}) of 8" in res.stderr, res.stderr[-2000:]
+    _, got = read_blocks(tmp_path / "run")
+    assert max((a - b).abs().max().item() for a, b in zip(got, reference("unipc"))) <= 1e-5
+
+
+def test_a_layer_split_that_misses_layers_is_refused_before_loading(root, tmp_path):
+    res = launch(root, 2, tmp_path / "run", ["--set", "parallel.split=3,3"], expect=None, launcher="real")
+    assert res.returncode != 0 and "parallel.split 3,3 adds up to 6 layers; the model has 8" in res.stderr
+    assert res.stderr.count("error: parallel.split") == 1 and not (tmp_path / "run" / "manifest.json").exists()
+
+
 def test_context_changes_the_result(root, tmp_path):
     # Guards the test above: without context the latents must differ, so equality is not vacuous.
     launch(root, 2, tmp_path / "nocat", ["--num-cat", "0"])

@@ -88,6 +88,13 @@ def test_split_layers_contiguous_and_balanced(n, w):
         split_layers(n, n + 1)
 
 
+def test_split_layers_by_given_counts():
+    assert split_layers(8, 3, [1, 3, 4]) == [(0, 1), (1, 4), (4, 8)]
+    for bad in ([1, 3], [1, 3, 3], [0, 4, 4]):
+        with pytest.raises(ValueError):
+            split_layers(8, 3, bad)
+
+
 def test_rank0_state_does_not_grow_with_video_length():
     # Invariant 3 at the engine level: held latents depend on `steps`, not on length.
     from dualpar.comm import Comm
