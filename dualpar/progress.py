@@ -67,7 +67,7 @@ class BatchProgress:
     video's manifest (the actors draw no bars: forwarded through Ray, redraws become noise)."""
 
     def __init__(self, outs: list[str], frames_per_video: int):
-        self.outs = outs
+        self.outs, self.per_video = outs, frames_per_video
         self.frames = [0] * len(outs)
         self.stream = sys.stderr
         self.bar = tqdm(total=len(outs) * frames_per_video, desc=f"[driver] {len(outs)} video(s)", unit="frame",
@@ -88,7 +88,7 @@ class BatchProgress:
                     self.frames[i] = int(json.load(f).get("frames_written", 0))
             except (OSError, ValueError):
                 pass  # not started yet, or being replaced this instant
-        busy = next((i for i, f in enumerate(self.frames) if f < self.bar.total // len(self.outs)), len(self.outs) - 1)
+        busy = next((i for i, f in enumerate(self.frames) if f < self.per_video), len(self.outs) - 1)
         self.bar.update(sum(self.frames) - self.bar.n)
         self.bar.set_postfix_str(f"video {busy + 1}/{len(self.outs)}", refresh=True)
 
