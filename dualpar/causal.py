@@ -90,11 +90,20 @@ class CausalStage:
         """Fresh, empty caches for a new video (memory is allocated here, once)."""
         m, c = self.model.m, cfg.causal
         total = cfg.video.latent_frames
-        policy = make_policy(c.policy, budget=c.budget, total_frames=total, sink=c.sink, pool=c.pool,
-                             sample=c.sample, diversity=c.diversity)
+        table = loader.head_importance(cfg)  # [layer][head] of the whole model, or None
+
+        def policy(layer: int):
+            weights = None if table is None else torch.tensor(table[layer])
+            return make_policy(c.policy, budget=c.budget, total_frames=total, sink=c.sink, pool=c.pool,
+                               sample=c.sample, diversity=c.diversity, head_weights=weights)
+
         shape = dict(batch=batch, tokens=m.tokens_per_frame(height, width), heads=m.heads, head_dim=m.dim // m.heads,
                      dtype=m.dtype, device=m.device)
-        self.caches = [LayerCache(policy.new_store(total, **shape), policy) for _ in m.layers]
+        shared = policy(0) if table is None else None  # policies keep no per-layer state: one serves all
+        self.caches = []
+        for i in range(len(m.layers)):
+            p = shared or policy(m.first + i)
+            self.caches.append(LayerCache(p.new_store(total, **shape), p))
         self._iteration = None
 
     def cache_bytes(self) -> int:

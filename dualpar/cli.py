@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 
-from .config import RESUMABLE_CHANGES, Config, ConfigError, check_text, choices, load_config
+from .config import RESUMABLE_CHANGES, Config, ConfigError, check_text, choices, load_config, model_defaults
 from .output import rundir
 
 # flag -> (config key, type, help); each flag overrides the config file.
@@ -38,7 +38,9 @@ _FLAGS = {
     "chunk": ("causal.chunk", int, "causal mode: latent frames per chunk"),
     "policy": ("causal.policy", str, "causal mode: which committed frames each query frame attends to"),
     "budget": ("causal.budget", float, "causal mode: frames attended per query frame (< 1: fraction of the video)"),
-    "model": ("model.path", str, "local diffusers-format Wan2.1 T2V folder (default: the tiny preset)"),
+    "preset": ("model.preset", str, "built-in model when --model is not given: tiny (trained on coloured shapes) "
+               "or tiny-random (seeded random weights)"),
+    "model": ("model.path", str, "local diffusers-format Wan2.1 T2V folder (default: the preset)"),
     "transformer_file": ("model.transformer_file", str, "transformer weights in original Wan naming, replacing the folder's"),
     "dtype": ("model.dtype", str, "compute dtype of the transformer"),
     "out": ("output.out", str, "output directory (default: outputs/run-DATE-TIME)"),
@@ -116,7 +118,20 @@ def apply_sets(cfg: Config, items: list[str]) -> None:
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
-    cfg = load_config(args.config, base)
+    """The run's config: ``base`` (default: the defaults, then the model folder's own defaults), the
+    config file, ``--set`` items, then flags."""
+    cfg = _from_args(args, base)
+    if base is None:  # a resumed run's base already holds what its model's defaults gave
+        defaults, source = model_defaults(cfg.model)
+        if defaults:
+            start = Config()
+            start.update(defaults, source=source)
+            cfg = _from_args(args, start)
+    return cfg
+
+
+def _from_args(args: argparse.Namespace, base: Config | None) -> Config:
+    cfg = load_config(args.config, Config.from_dict(base.to_dict()) if base is not None else None)
     apply_sets(cfg, args.set)
     for flag, (key, _, _) in _FLAGS.items():
         val = getattr(args, flag)
@@ -267,10 +282,11 @@ def validated_config(args: argparse.Namespace, world: int) -> Config:
 def check_runtime(cfg: Config, world: int, device: str | None) -> None:
     """The checks that need torch or the model folder, once :func:`validated_config` has passed: the
     model, how many ranks its layers split over, the attention kernel on ``device``."""
-    from .models.loader import check_model, num_layers
+    from .models.loader import check_model, head_importance, num_layers
 
     check_model(cfg)
     cfg.validate(world_size=world, num_layers=num_layers(cfg))
+    head_importance(cfg)
     from .comm import default_device
     from .models import attention
 

@@ -8,6 +8,7 @@ A config file has one section per dataclass below (``model``, ``video``,
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import unicodedata
@@ -34,6 +35,10 @@ CompileMode = Literal["off", "inductor", "aot_eager"]
 Sampler = Literal["reinject", "euler"]
 CausalSchedule = Literal["sequential", "staggered"]
 RopeMode = Literal["absolute", "rebase"]
+Preset = Literal["tiny", "tiny-random"]
+"""Built-in models (``model.preset``)."""
+HeadBudget = Literal["attention", "calibrated"]
+"""Where Focused Forcing's head budgets come from (``causal.head_budget``)."""
 PolicyName = Literal["full", "window", "topk", "focused"]
 """The KV-cache policies of causal mode (what ``kv_cache.make_policy`` builds)."""
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
@@ -51,14 +56,26 @@ MAX_PIXELS = 4096
 MAX_FPS = 240
 
 
+PRESET_DIRS = {"tiny": Path(__file__).resolve().parent / "models" / "tiny_trained"}
+"""Presets read from a folder that ships with the package (the others are built in-process)."""
+PRESET_TEXT_LEN = {"tiny": 32, "tiny-random": 512}
+"""Each preset's prompt length when ``model.text_len`` is 0."""
+MODEL_DEFAULTS = "dualpar_defaults.json"
+"""A model folder's own defaults (``{"sampling": {"guidance": 2.0, ...}}``), under any value the user gives."""
+HEAD_IMPORTANCE = "head_importance.json"
+"""A model folder's calibrated head importances (``causal.head_budget=calibrated``)."""
+
+
 class ConfigError(ValueError):
     """A configuration problem the user must fix; printed as one line, exit status 2."""
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    preset: str = "tiny"
-    """Built-in model when ``path`` is empty. ``tiny`` is the embedded seeded random-weight Wan2.1 model."""
+    preset: Preset = "tiny"
+    """Built-in model when ``path`` is empty: ``tiny`` is a small Wan2.1-architecture model trained on
+    a synthetic world of coloured shapes (``scripts/train_tiny.py``; its folder ships with the package),
+    ``tiny-random`` the same architecture with seeded random weights, built in-process (``weights_seed``)."""
     path: str = ""
     """Local diffusers-format Wan2.1 text-to-video folder (model_index.json, transformer/, vae/,
     text_encoder/, tokenizer/, scheduler/); each rank reads only its own tensors."""
@@ -66,11 +83,12 @@ class ModelConfig:
     """Optional transformer weights replacing the folder's: a .safetensors (or .pt, read with
     weights_only) state dict in the original Wan naming (Self-Forcing, CausVid, LongLive)."""
     weights_seed: int = 0
-    """Seed of the tiny preset's random weights (identical on every rank)."""
+    """Seed of the ``tiny-random`` preset's weights (identical on every rank)."""
     dtype: Dtype = "float32"
     """Compute dtype of the transformer."""
-    text_len: int = 512
-    """Prompt length in tokens after padding (Wan uses 512)."""
+    text_len: int = 0
+    """Prompt length in tokens after padding; 0: the model's own, its tokenizer's ``model_max_length``
+    (32 for the trained ``tiny`` preset, whose prompts are a dozen words; Wan's 512), else 512."""
     attention: AttentionBackend = "native"
     """Attention kernel of the bidirectional layers: ``native`` (torch SDPA, which picks FlashAttention-2 /
     memory-efficient / cuDNN itself), ``cudnn``, ``efficient``, ``native-flash``, ``math`` (forced SDPA
@@ -86,13 +104,37 @@ class ModelConfig:
         """Raise ConfigError for the first problem of this section on its own."""
         if not 0 <= self.weights_seed < 2**63:
             raise ConfigError(f"model.weights_seed must be in [0, 2^63), got {self.weights_seed}")
-        if not self.path and self.preset != "tiny":
-            raise ConfigError(f"model.preset '{self.preset}' is unknown (available: tiny; or give --model PATH)")
+        if not self.path and self.preset not in PRESET_TEXT_LEN:
+            raise ConfigError(f"model.preset '{self.preset}' is unknown (available: {', '.join(PRESET_TEXT_LEN)}; "
+                              "or give --model PATH)")
         if self.transformer_file and not self.path:
             raise ConfigError("model.transformer_file needs model.path (the folder gives config, VAE and text encoder)")
         _check_choices(self)
-        if not 1 <= self.text_len <= 4096:
-            raise ConfigError(f"model.text_len must be in [1, 4096], got {self.text_len}")
+        if not 0 <= self.text_len <= 4096:
+            raise ConfigError(f"model.text_len must be in [1, 4096] (or 0: the model's own), got {self.text_len}")
+
+    @property
+    def folder(self) -> str:
+        """The diffusers-format folder the model is read from: ``path``, the trained preset's, or ""
+        (``tiny-random``, built in-process)."""
+        if self.path:
+            return self.path
+        return str(PRESET_DIRS[self.preset]) if self.preset in PRESET_DIRS else ""
+
+    @property
+    def tokens(self) -> int:
+        """The prompt length in use: ``text_len``, or when it is 0 the model's own: its tokenizer's
+        ``model_max_length`` (the trained preset's: 32; Wan's: 512), else 512."""
+        if self.text_len:
+            return self.text_len
+        if not self.folder:
+            return PRESET_TEXT_LEN.get(self.preset, 512)
+        try:
+            saved = json.loads((Path(self.folder) / "tokenizer" / "tokenizer_config.json").read_text())
+            n = saved.get("model_max_length")
+        except (OSError, ValueError, AttributeError):
+            return 512
+        return n if isinstance(n, int) and 1 <= n <= 4096 else 512  # tokenizers without one say 1e30
 
 
 @dataclass(kw_only=True, slots=True)
@@ -131,10 +173,11 @@ class VideoConfig:
 
 @dataclass(kw_only=True, slots=True)
 class SamplingConfig:
-    prompt: str = "A cat and a dog baking a cake together in a kitchen, warm light through the window."
-    """Text prompt."""
+    prompt: str = "a red circle bouncing right on a dark blue background"
+    """Text prompt (the default is one the trained ``tiny`` preset knows: a scene of its synthetic world)."""
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    """Negative prompt for classifier-free guidance."""
+    """Negative prompt for classifier-free guidance (Wan's by default; a model folder's
+    ``dualpar_defaults.json`` may set its own: the trained ``tiny`` preset's is empty)."""
     steps: int = 10
     """Denoising steps per block (the queue holds at most this many blocks)."""
     scheduler: Scheduler = "unipc"
@@ -168,6 +211,9 @@ class ParallelConfig:
     """Latent frames per block (paper: 8). The first block also takes the leftover frames."""
     num_cat: int = 4
     """Context latent frames borrowed from each neighbour block (paper: 8); 0 disables context."""
+    shared_noise: bool = True
+    """Draw every block's noise from one shared pool, re-permuted per block (DualParal: consistent global
+    dynamics at no cost); false: fresh noise for every block (the ablation)."""
     timeout_s: float = 120.0
     """Longest wait for a peer's message while generating; past it the run fails, naming the peer."""
     join_timeout_s: float = 300.0
@@ -233,6 +279,10 @@ class CausalConfig:
     frame's tokens, at least 4."""
     diversity: float = 0.3
     """Weight of redundancy against relevance in ``focused`` selection, in [0, 1)."""
+    head_budget: HeadBudget = "attention"
+    """How ``focused`` splits its budget over heads: ``attention`` (by each head's sampled attention share
+    on history, measured as it goes) or ``calibrated`` (by head importances measured once per model,
+    ``head_importance.json`` in the model folder, written by ``scripts/calibrate_heads.py``)."""
     rope: RopeMode = "absolute"
     """``absolute`` frame positions (Wan's 1024-position table bounds the video to 1024 latent frames)
     or ``rebase`` (positions shifted back once the video passes the table)."""
@@ -498,6 +548,20 @@ for _cls, _sec in _SECTION_NAMES.items():
             _CHOICES[f"{_sec}.{_key}"] = get_args(_hint)
             _hint = type(get_args(_hint)[0])
         _FIELD_TYPES[(_sec, _key)] = _hint
+
+
+def model_defaults(m: ModelConfig) -> tuple[dict, str]:
+    """The sections a model folder sets by default (its ``MODEL_DEFAULTS`` file) and the file's path;
+    ``({}, "")`` for none."""
+    if not m.folder:
+        return {}, ""
+    path = Path(m.folder) / MODEL_DEFAULTS
+    if not path.is_file():
+        return {}, ""
+    try:
+        return json.loads(path.read_text()), str(path)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
 def load_config(path: str | None, base: Config | None = None) -> Config:

@@ -65,7 +65,7 @@ class Engine:
         model, plan = self.stage.model, self.plan
         model.compile_layers(mode)
         t0 = time.perf_counter()
-        text = torch.zeros(plan.batch, self.cfg.model.text_len, model.dim, dtype=model.dtype, device=model.device)
+        text = torch.zeros(plan.batch, self.cfg.model.tokens, model.dim, dtype=model.dtype, device=model.device)
         model.set_text(text)
         shapes = list(dict.fromkeys(plan.shape(t) for t in plan.tasks))
         tpf = model.tokens_per_frame(plan.lat_h, plan.lat_w)
@@ -183,7 +183,8 @@ class DenoiseState:
         self.template = loader.make_scheduler(cfg, self.device)
         self.timesteps = self.template.timesteps
         self.noise = NoisePool(block=cfg.parallel.block, num_cat=cfg.parallel.num_cat, channels=channels,
-                               height=plan.lat_h, width=plan.lat_w, seed=cfg.sampling.seed)
+                               height=plan.lat_h, width=plan.lat_w, seed=cfg.sampling.seed,
+                               shared=cfg.parallel.shared_noise)
         self.iteration = 0
         self.blocks_done = 0
         self.latents: dict[int, torch.Tensor] = {}

@@ -14,8 +14,10 @@ import torch
 
 
 class NoisePool:
-    def __init__(self, *, block: int, num_cat: int, channels: int, height: int, width: int, seed: int):
+    def __init__(self, *, block: int, num_cat: int, channels: int, height: int, width: int, seed: int,
+                 shared: bool = True):
         self.block = block
+        self.shared = shared  # False: every block draws fresh noise (the ablation of the shared pool)
         self.num_cat = num_cat
         self.gen = torch.Generator().manual_seed(seed)
         self.pool = torch.randn(1, channels, block + num_cat, height, width, generator=self.gen)
@@ -27,6 +29,8 @@ class NoisePool:
         leftover frames): it takes as much of the pool as fits, and the rest is
         drawn fresh from the same generator.
         """
+        if not self.shared:
+            return torch.randn(1, self.pool.shape[1], frames, *self.pool.shape[3:], generator=self.gen)
         size = self.pool.shape[2]
         keep = self.pool[:, :, size - self.num_cat :]
         rest = self.pool[:, :, : size - self.num_cat]

@@ -35,7 +35,7 @@ def serial_reference(cfg: Config, model: WanSlice, text: torch.Tensor) -> list[t
     model.set_text(text)
     template = loader.make_scheduler(cfg)
     noise = NoisePool(block=cfg.parallel.block, num_cat=nc, channels=model.out_channels, height=h, width=w,
-                      seed=cfg.sampling.seed)
+                      seed=cfg.sampling.seed, shared=cfg.parallel.shared_noise)
     live: dict[int, torch.Tensor] = {}
     scheds: dict[int, object] = {}
     step: dict[int, int] = {}

@@ -4,7 +4,8 @@
   kept apart from physical slots, sink frames pinned;
 * policies -- :class:`Full`, :class:`WindowSink`, :class:`TopK` (attention
   top-k) and :class:`FocusedForcing` (per-frame, per-head, relevance plus
-  diversity, head-dependent budgets);
+  diversity, head-dependent budgets, calibrated or from attention) and
+  :class:`HeadMask` (the calibration's probe: one head's history hidden);
 * :func:`attend` -- attention over the selected committed frames plus the
   frames always attended.
 
@@ -13,8 +14,8 @@ declared in :mod:`dualpar.config`, which validates them without importing torch.
 """
 
 from .attention import Selection, attend, history_mass, sample_queries
-from .policy import FocusedForcing, Full, Policy, TopK, WindowSink, auto_sample, make_policy
+from .policy import FocusedForcing, Full, HeadMask, Policy, TopK, WindowSink, auto_sample, make_policy
 from .store import KVStore
 
 __all__ = ["KVStore", "Selection", "attend", "history_mass", "sample_queries", "Policy", "Full", "WindowSink",
-           "TopK", "FocusedForcing", "make_policy", "auto_sample"]
+           "TopK", "FocusedForcing", "HeadMask", "make_policy", "auto_sample"]

@@ -150,12 +150,15 @@ class FocusedForcing(_Scored):
       mean value vector of the frame's tokens for that head (values carry
       content without positional rotation).
 
-    Head budgets: the paper gives more frames to more important heads without
-    fixing the estimator; here a head's importance is the share of its sampled
-    attention that goes to committed history at all (a head that looks at the
-    current chunk only needs little history) -- a free by-product of the
-    relevance pass instead of a calibration pass. The total ``budget x heads``
-    is split in proportion, every head keeping at least ``ceil(budget / 4)``.
+    Head budgets: more frames to more important heads. ``head_weights`` (one
+    per head of this layer) are the paper's way: an explicit importance
+    estimate measured once per model (``scripts/calibrate_heads.py`` masks one
+    head's history at a time and measures how far the output moves). Without
+    them, a head's importance is the share of its sampled attention that goes
+    to committed history at all -- a free by-product of the relevance pass,
+    the attention-pattern proxy the paper argues against. Either way the total
+    ``budget x heads`` is split in proportion, every head keeping at least
+    ``ceil(budget / 4)``.
 
     Where the paper is silent we also chose: one selection per forward pass and
     layer (not cached across steps), sinks pinned in the pool but not forced
@@ -165,11 +168,14 @@ class FocusedForcing(_Scored):
     name = "focused"
 
     def __init__(self, budget: int, pool: int | None = None, sink: int = 0, sample: int = 0,
-                 diversity: float = 0.3):
+                 diversity: float = 0.3, head_weights: torch.Tensor | None = None):
         super().__init__(budget, pool, sink, sample)
         if not 0.0 <= diversity < 1.0:
             raise ValueError(f"diversity must be in [0, 1), got {diversity}")
+        if head_weights is not None and (head_weights.ndim != 1 or not bool((head_weights >= 0).all())):
+            raise ValueError("head_weights must be one non-negative weight per head")
         self.diversity = diversity
+        self.head_weights = None if head_weights is None else head_weights.detach().double().cpu()
 
     def head_budgets(self, importance: torch.Tensor, n: int) -> torch.Tensor:
         """Split ``budget * heads`` frames over heads in proportion to ``importance`` [H]."""
@@ -199,7 +205,10 @@ class FocusedForcing(_Scored):
             return None
         mass = self._mass(store, q, frames, k_hist, k_now)  # [Fq, H, n]
         fq, h, _ = mass.shape
-        budgets = self.head_budgets(mass.sum(-1).mean(0).cpu(), n).to(mass.device)  # [H]
+        if self.head_weights is not None and self.head_weights.shape[0] != h:
+            raise ValueError(f"{self.head_weights.shape[0]} head weights for a layer of {h} heads")
+        importance = self.head_weights if self.head_weights is not None else mass.sum(-1).mean(0).cpu()
+        budgets = self.head_budgets(importance, n).to(mass.device)  # [H]
         relevance = mass / mass.amax(-1, keepdim=True).clamp_min(1e-12)
         desc = torch.nn.functional.normalize(v_hist.float().mean(dim=(0, 2)), dim=-1)  # [n, H, D]
         sim = torch.einsum("ahd,bhd->hab", desc, desc)  # [H, n, n]
@@ -221,6 +230,23 @@ class FocusedForcing(_Scored):
         return Selection(idx, None if bool(valid.all()) else valid)
 
 
+class HeadMask(Full):
+    """The full cache with one head's history hidden (it attends to the current chunk only): the
+    probe of the head-importance calibration, not a policy to generate with."""
+
+    name = "head-mask"
+
+    def __init__(self, head: int):
+        self.head = head
+
+    def select(self, store, q, frames, k_hist, v_hist, k_now):
+        fq, h, n = frames, q.shape[2], k_hist.shape[1]
+        idx = torch.arange(n, device=q.device).expand(fq, h, n)
+        valid = torch.ones(fq, h, n, dtype=torch.bool, device=q.device)
+        valid[:, self.head] = False
+        return Selection(idx, valid)
+
+
 def auto_sample(tokens_per_frame: int) -> int:
     """Queries per frame that score history by default: about 1.5% of a frame's tokens, at least 4
     (24 of Wan's 1560 tokens at 480p), so scoring stays a small fraction of the attention itself."""
@@ -228,8 +254,9 @@ def auto_sample(tokens_per_frame: int) -> int:
 
 
 def make_policy(name: PolicyName, *, budget: float, total_frames: int, sink: int = 0, pool: int = 0,
-                sample: int = 0, diversity: float = 0.3) -> Policy:
-    """A policy by name; ``budget`` in frames or as a fraction of ``total_frames`` (ignored by ``full``)."""
+                sample: int = 0, diversity: float = 0.3, head_weights: torch.Tensor | None = None) -> Policy:
+    """A policy by name; ``budget`` in frames or as a fraction of ``total_frames`` (ignored by ``full``);
+    ``head_weights``: calibrated head importances of the layer (``focused`` only)."""
     if name == "full":
         return Full()
     frames = resolve_budget(budget, total_frames)
@@ -241,5 +268,5 @@ def make_policy(name: PolicyName, *, budget: float, total_frames: int, sink: int
     if name == "topk":
         return TopK(frames, pool, sink, sample)
     if name == "focused":
-        return FocusedForcing(frames, pool, sink, sample, diversity)
+        return FocusedForcing(frames, pool, sink, sample, diversity, head_weights)
     raise ValueError(f"unknown policy '{name}' (known: {', '.join(get_args(PolicyName))})")

@@ -47,14 +47,12 @@ def baseline_worker(frames: int, config: str | None) -> dict:
     cfg.video.frames = frames
     t0 = time.perf_counter()
     tok, te = loader.load_text_encoder(cfg)
-    from dualpar.models.tiny import tiny_transformer
-
-    transformer = tiny_transformer(cfg.model.weights_seed)
+    transformer = loader.load_transformer(cfg)
     vae = loader.load_vae(cfg)
     pipe = WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, scheduler=loader.make_scheduler(cfg),
                        transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
-    embeds = loader.encode_prompts(tok, te, [cfg.sampling.prompt, cfg.sampling.negative_prompt], cfg.model.text_len)
+    embeds = loader.encode_prompts(tok, te, [cfg.sampling.prompt, cfg.sampling.negative_prompt], cfg.model.tokens)
     lat = cfg.video.latent_frames
     h, w = cfg.video.height // loader.VAE_SPATIAL, cfg.video.width // loader.VAE_SPATIAL
     noise = torch.randn(1, 16, lat, h, w, generator=torch.Generator().manual_seed(cfg.sampling.seed))
@@ -116,8 +114,8 @@ def main() -> None:
         return
     from dualpar.config import load_config
 
-    if load_config(args.config).model.path:  # the baseline builds its transformer from the tiny preset
-        sys.exit("bench.py: the one-pass baseline runs the tiny preset only; use a config without model.path")
+    if load_config(args.config).model.transformer_file:  # the baseline runs diffusers' own model
+        sys.exit("bench.py: the one-pass baseline runs a folder's own transformer; drop model.transformer_file")
     results = []
     tmp = tempfile.TemporaryDirectory()
     base_dir = args.keep or tmp.name

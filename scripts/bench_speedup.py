@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--frames", type=int, default=None, help="override the config's frames")
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.yaml"))
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny-random.yaml"))
     p.add_argument("--json", help="write every run and the best per rank count here")
     args, extra = p.parse_known_args()
     extra = ["--config", args.config, *extra]

@@ -39,7 +39,7 @@ import bench_speedup  # noqa: E402
 import simulate  # noqa: E402
 from dualpar.output.rundir import atomic_write  # noqa: E402
 
-DEFAULT_CONFIG = os.path.join("configs", "tiny.yaml")
+DEFAULT_CONFIG = os.path.join("configs", "tiny-random.yaml")
 RANKS = 2  # the pipelined runs; this machine has 2 cores
 # DualParal's own claim (arXiv 2505.21070), quoted beside the projection, not measured here.
 DUALPAR_HEADLINE = {"latency": 6.54, "memory": 1.48, "gpus": "8x RTX 4090"}
@@ -47,13 +47,13 @@ DUALPAR_HEADLINE = {"latency": 6.54, "memory": 1.48, "gpus": "8x RTX 4090"}
 SETTINGS = {
     "full": dict(sweep_frames=[65, 129, 257, 513, 1025], speedup_frames=None, repeat=2,
                  sim_calib=dict(frames=257, block=8, num_cat=4), sim_target=dict(frames=513, block=4, num_cat=2),
-                 causal_args=[], comm_args=[]),  # bench_causal.py's and bench_comm.py's defaults
+                 causal_args=[], comm_args=[], quality_args=["--prompts", "2"]),  # else the scripts' defaults
     # Smoke test of the whole pipeline: one short length, one repeat, a small simulator case; the causal
     # section on bench_causal.py's quick cases with one repeat and the staggered schedule only (2 launches).
     "quick": dict(sweep_frames=[33], speedup_frames=33, repeat=1,
                   sim_calib=dict(frames=65, block=8, num_cat=4), sim_target=dict(frames=33, block=4, num_cat=2),
                   causal_args=["--quick", "--schedules", "staggered"],
-                  comm_args=["--messages", "5", "--ranks", "2", "--delay", "0.02"]),
+                  comm_args=["--messages", "5", "--ranks", "2", "--delay", "0.02"], quality_args=["--quick"]),
 }
 
 
@@ -160,8 +160,9 @@ def render_header(ctx: Ctx) -> str:
     if md["path"]:
         model = f"`{md['path']}` ({md['layers']} layers, {md['dtype']})"
     else:
+        kind = "seeded random weights" if md["preset"] == "tiny-random" else "trained on the synthetic world"
         model = (f"the embedded `{md['preset']}` preset (Wan2.1 architecture, {md['layers']} layers, "
-                 f"width {md['width_dim']}, seeded random weights)")
+                 f"width {md['width_dim']}, {kind})")
     dates = sorted({d for d in meta["dates"].values()})
     minutes = sum(meta["durations"].values()) / 60
     out = ["# Benchmarks", "",
@@ -711,6 +712,61 @@ def render_causal(data: dict, ctx: Ctx) -> str:
     return "\n".join(out).rstrip()
 
 
+# -- quality of the trained preset ----------------------------------------------------------
+
+
+def run_quality(ctx: Ctx) -> dict:
+    out = os.path.join(ctx.work, "quality.json")
+    args = ctx.settings["quality_args"]
+    run_script("quality.py", "suite", *args, "--json", out, "--keep", os.path.join(ctx.work, "quality"))
+    data = read_json(out)
+    training = os.path.join(ROOT, "dualpar", "models", "tiny_trained", "training.json")
+    if os.path.exists(training):
+        data["training"] = read_json(training)
+    return data
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
+def _num(v, fmt=".2f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render_quality(data: dict, ctx: Ctx) -> str:
+    head = ["## Quality: the trained tiny preset", "",
+            f"`{data['command']}` ({data['minutes']:.0f} min): {data['frames']}-frame videos at 96x96 of the trained "
+            f"`tiny` preset on {data['ranks']} ranks, one per prompt and setting, scored by `scripts/quality.py` "
+            "from the MP4 alone (a nearest-palette detector, see its docstring). Prompts: "
+            + "; ".join(f"\"{p}\" (seed {i})" for i, p in enumerate(data["prompts"])) + ".", ""]
+    table = ["| setting | colour found | shape right | background right | extra objects per frame | jumps "
+             "| seam ratio, change | seam ratio, centroid step | s per video |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        m = r["mean"]
+        secs = sum(x["seconds"] for x in r["runs"]) / len(r["runs"])
+        table.append(f"| {r['name']} | {_pct(m['colour_found'])} | {_pct(m['shape_right'])} | "
+                     f"{_pct(m['background_right'])} | {_num(m['extra_objects'])} | {_num(m['jumps'], '.1f')} | "
+                     f"{_num(m['seam_change'])} | {_num(m['seam_step'])} | {secs:.0f} |")
+    v = data["vae"]
+    notes = ["", "Columns: *colour found*, the share of frames (and prompted objects) where the object's colour is "
+             "found; *shape right*, where it is found with the prompted shape; *jumps*, centroid steps over a tenth "
+             "of the frame per video; *seam ratio*, the mean change (of pixels, or of the object's centroid) into the "
+             "first frame of a block (a chunk, in causal mode) over the same at the other latent-frame starts: 1.0 "
+             f"is seamless. Causal rows: 8 Euler steps per chunk of 3, budget {data['budget']} frames.", "",
+             f"VAE reconstruction on {v['clips']} held-out {v['frames']}-frame clips at {v['size']}x{v['size']}: "
+             f"**{v['psnr_db']:.1f} dB** PSNR (worst clip {v['psnr_min_db']:.1f} dB)."]
+    t = data.get("training")
+    if t and not t.get("partial"):
+        notes += ["", f"Training (`scripts/train_tiny.py`, {t.get('minutes', '?')} min on this machine's CPU): "
+                  + ", ".join(f"{k} {n} steps" for k, n in t["steps"].items())
+                  + f"; final flow-matching loss {t['dit_final_loss']:.3f}."]
+    for name, alt in (("training_losses.png", "training losses"), ("demo_strip.png", "frames of the demo")):
+        if os.path.exists(os.path.join(ctx.plots, name)):
+            notes += ["", f"![{alt}]({os.path.relpath(os.path.join(ctx.plots, name), ctx.md_dir)})"]
+    return "\n".join(head + table + notes)
+
+
 # -- ring messages and the GPU check ---------------------------------------------------------
 
 
@@ -797,6 +853,7 @@ SECTIONS = [
     Section("causal", run_causal, render_causal),
     Section("comm", run_comm, render_comm),
     Section("reject", run_reject, render_reject),
+    Section("quality", run_quality, render_quality),
     Section("gpu", None, render_gpu),
 ]
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write a complete diffusers-format Wan2.1 text-to-video folder with random weights.
 
-By default it is the embedded ``tiny`` preset (same seed, same weights), with
+By default it is the ``tiny-random`` preset (same seed, same weights), with
 the transformer split into several safetensors shards plus an index, as real
 checkpoints are. ``--layers``, ``--dim``, ``--heads``, ``--ffn-dim`` or
 ``--target-mb`` make a bigger transformer of the same architecture (e.g. a few

@@ -1,6 +1,6 @@
 """Discrete-event model of the pipelined block-wise schedule: wall time and idle fraction per rank.
 
-    python scripts/simulate.py --calibrate outputs/a/trace.json --config configs/tiny.yaml \\
+    python scripts/simulate.py --calibrate outputs/a/trace.json --config configs/tiny-random.yaml \\
         --frames 513 --block 4 --num-cat 2 --ranks 2
 
 The model walks the same task list as the engine (dualpar.schedule.make_tasks):

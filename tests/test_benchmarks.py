@@ -1,7 +1,7 @@
 """The benchmark scripts on small cases, all from ONE ``scripts/benchmarks.py --quick`` run.
 
 Every benchmark script (bench.py, bench_speedup.py, simulate.py, bench_causal.py,
-bench_comm.py, bench_reject.py) runs inside that one run, exactly as a full regeneration of
+bench_comm.py, bench_reject.py, quality.py) runs inside that one run, exactly as a full regeneration of
 BENCHMARKS.md runs them, and stores its figures in results.json; the tests
 below check each script's figures there, then the markdown and plots made
 from them. No timing assertions: only well-formed output and the exact
@@ -150,6 +150,19 @@ def test_bad_input_cases(quick):
     assert "| bad input | rejected in s |" in quick["md"] and "## Bad input, turned away" in quick["md"]
 
 
+def test_quality_suite(quick):
+    """quality.py suite --quick: three settings generated and scored, each row the mean of its runs."""
+    data = quick["results"]["quality"]
+    assert [r["name"] for r in data["rows"]] == ["num_cat 4, shared noise (default)", "num_cat 0",
+                                                 "causal, focused 24"]
+    for r in data["rows"]:
+        assert len(r["runs"]) == 1 and r["runs"][0]["frames"] == 33
+        assert r["mean"]["colour_found"] == r["runs"][0]["colour_found"]
+        assert 0 <= r["mean"]["colour_found"] <= 1 and 0 <= r["mean"]["shape_right"] <= r["mean"]["colour_found"]
+    assert data["vae"]["clips"] == 2 and data["vae"]["psnr_db"] > 0
+    assert "## Quality: the trained tiny preset" in quick["md"] and "| causal, focused 24 |" in quick["md"]
+
+
 def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
     md, plots, results = quick["md"], quick["plots"], quick["results"]
     assert md.startswith("# Benchmarks") and "python scripts/benchmarks.py" in md
@@ -165,7 +178,7 @@ def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         assert f"](docs/benchmarks/{name})" in md
-    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "comm", "reject"} <= set(results)
+    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "comm", "reject", "quality"} <= set(results)
     causal = md[md.index("## Causal mode"):]
     rows = [ln for ln in causal.splitlines() if ln.startswith("| ")]
     for name in ("full", *BOUNDED):

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from conftest import gen
 from dualpar.config import Config
 from dualpar.models import loader
-from dualpar.models.tiny import tiny_transformer
 from dualpar.reference import causal_reference
 from test_parallel import launch as run_gen
 
@@ -52,7 +51,7 @@ def test_full_cache_equals_block_causal_recompute(root, tmp_path, schedule, guid
     tok, enc = loader.load_text_encoder(cfg)
     prompts = [cfg.sampling.prompt, cfg.sampling.negative_prompt] if guidance > 1 else [cfg.sampling.prompt]
     states = loader.encode_prompts(tok, enc, prompts, 32)
-    ref = causal_reference(cfg, tiny_transformer(cfg.model.weights_seed), states)
+    ref = causal_reference(cfg, loader.load_transformer(cfg), states)
     assert [r.shape[2] for r in ref] == [x.shape[2] for x in got] == [4, 3, 3, 3]
     for r, x in zip(ref, got):
         assert (r - x).abs().max().item() <= 1e-5
@@ -65,7 +64,7 @@ def causal_reference_alone(cfg, states, chunk):
     from dualpar.causal import chunk_noise, sigmas
 
     h, w = cfg.video.height // 8, cfg.video.width // 8
-    model = tiny_transformer(cfg.model.weights_seed)
+    model = loader.load_transformer(cfg)
     x = chunk_noise(cfg.sampling.seed, chunk, 0, (1, 16, 3, h, w))
     sig = sigmas(cfg)
     for s, sigma in enumerate(sig):
@@ -217,3 +216,55 @@ def test_rebased_rope_positions_keep_relative_distances():
     a = run_in_process(causal_cfg(**sink))
     b = run_in_process(causal_cfg(**sink, **{"causal.rope": "rebase"}), table=9)
     assert (a[-1] - b[-1]).abs().max().item() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def calibrated_dir(root, tmp_path_factory):
+    """A model folder (the tiny-random weights) with a head-importance table that favours head 0 in
+    every layer: far from what the attention shares would give."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("calibrated") / "model"
+    res = subprocess.run([sys.executable, f"{root}/scripts/make_tiny_checkpoint.py", str(out)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    (out / "head_importance.json").write_text(json.dumps({"importance": [[1.0, 0.0, 0.0, 0.0]] * 8}))
+    return out
+
+
+def test_calibrated_head_budgets_on_ranks_equal_one_rank_and_change_the_result(root, tmp_path, calibrated_dir):
+    focused = ["--model", str(calibrated_dir), "--policy", "focused", "--budget", "3"]
+    calibrated = focused + ["--set", "causal.head_budget=calibrated"]
+    launch(root, 1, tmp_path / "one", calibrated)
+    launch(root, 2, tmp_path / "two", calibrated)
+    launch(root, 1, tmp_path / "attention", focused)
+    one, two, attention = chunks(tmp_path / "one"), chunks(tmp_path / "two"), chunks(tmp_path / "attention")
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert max((a - b).abs().max().item() for a, b in zip(one, attention)) > 1e-4  # the table is what decides
+
+
+def test_calibration_writes_a_table_the_engine_reads_and_a_missing_one_is_refused(root, tmp_path, calibrated_dir):
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(calibrated_dir, model)
+    (model / "head_importance.json").unlink()
+    res = launch(root, 1, tmp_path / "run", ["--model", str(model), "--policy", "focused", "--budget", "3",
+                                             "--set", "causal.head_budget=calibrated"], expect=2)
+    assert res.stderr.count("error: ") == 1 and "no " in res.stderr and "calibrate_heads.py" in res.stderr
+    assert not (tmp_path / "run").exists()
+    res = subprocess.run([sys.executable, f"{root}/scripts/calibrate_heads.py", "--model", str(model), "--frames", "21",
+                          "--height", "32", "--width", "32", "--threads", "1", "--no-progress"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    table = json.loads((model / "head_importance.json").read_text())["importance"]
+    assert len(table) == 8 and all(len(r) == 4 and all(v >= 0 for v in r) for r in table)
+    assert max(max(r) for r in table) > 0  # hiding some head's history moves the video
+    cfg = Config()
+    for key, val in {"model.path": str(model), "sampling.mode": "causal", "causal.policy": "focused",
+                     "causal.head_budget": "calibrated"}.items():
+        cfg.set(key, val)
+    assert loader.head_importance(cfg) == table

@@ -4,6 +4,7 @@ import os
 import re
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from conftest import gen
@@ -142,3 +143,30 @@ def test_a_rank_whose_peers_never_start_stops_in_join_timeout(tmp_path):
     assert res.returncode != 0 and time.time() - t0 < 60
     assert "not all 2 ranks joined at 127.0.0.1:" in res.stderr and "--nproc 2" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+def test_a_model_folders_own_defaults_sit_under_what_the_user_gives(tmp_path):
+    """dualpar_defaults.json of a model folder (the trained preset's: guidance 2, no negative prompt)
+    replaces the built-in defaults, never a value from the command line or the config file."""
+    import shutil
+
+    from dualpar.cli import build_parser, config_from_args
+    from dualpar.config import DEFAULT_NEGATIVE_PROMPT, PRESET_DIRS, ConfigError
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(list(argv)))
+
+    assert (cfg().sampling.guidance, cfg().sampling.negative_prompt) == (2.0, "")  # the trained preset
+    assert cfg("--guidance", "5").sampling.guidance == 5.0
+    conf = tmp_path / "c.yaml"
+    conf.write_text("sampling:\n  negative_prompt: blurry\n")
+    assert cfg("--config", str(conf)).sampling.negative_prompt == "blurry"
+    random = cfg("--preset", "tiny-random").sampling
+    assert (random.guidance, random.negative_prompt) == (5.0, DEFAULT_NEGATIVE_PROMPT)
+    folder = tmp_path / "model"
+    shutil.copytree(PRESET_DIRS["tiny"], folder)
+    (folder / "dualpar_defaults.json").write_text('{"sampling": {"steps": 7}}')
+    assert cfg("--model", str(folder)).sampling.steps == 7
+    (folder / "dualpar_defaults.json").write_text('{"sampling": {"stepz": 7}}')
+    with pytest.raises(ConfigError, match="unknown key 'sampling.stepz'"):
+        cfg("--model", str(folder))

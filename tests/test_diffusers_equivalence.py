@@ -27,18 +27,16 @@ def test_engine_equals_wan_pipeline(scheduler, guidance):
     assert len(ours) == 1
 
     # The same components, run by diffusers' own pipeline.
-    from dualpar.models.tiny import tiny_transformer
-
     tok, te = loader.load_text_encoder(cfg)
     pipe = WanPipeline(
         tokenizer=tok,
         text_encoder=te,
         vae=loader.load_vae(cfg),
         scheduler=loader.make_scheduler(cfg),
-        transformer=tiny_transformer(cfg.model.weights_seed),
+        transformer=loader.load_transformer(cfg),
     )
     pipe.set_progress_bar_config(disable=True)
-    embeds = loader.encode_prompts(tok, te, [cfg.sampling.prompt, cfg.sampling.negative_prompt], cfg.model.text_len)
+    embeds = loader.encode_prompts(tok, te, [cfg.sampling.prompt, cfg.sampling.negative_prompt], cfg.model.tokens)
     noise = NoisePool(block=6, num_cat=0, channels=16, height=4, width=6, seed=cfg.sampling.seed).next_block(6)
     ref = pipe(
         prompt_embeds=embeds[:1],

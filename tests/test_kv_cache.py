@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dualpar.config import resolve_budget
-from kv_cache import FocusedForcing, Full, KVStore, Selection, TopK, WindowSink, attend, history_mass, make_policy
+from kv_cache import FocusedForcing, Full, HeadMask, KVStore, Selection, TopK, WindowSink, attend, history_mass, make_policy
 
 B, T, H, D = 2, 4, 3, 8
 
@@ -142,6 +142,37 @@ def test_focused_forcing_head_budgets():
         for h in range(3):
             picked = sel.idx[f, h][: counts[f, h]].tolist()
             assert picked == sorted(set(picked))
+
+
+def test_calibrated_head_weights_set_the_budgets_whatever_the_attention():
+    q, kh, vh, kn = rand(1, 2 * T, 3, D, seed=24), rand(1, 8, T, 3, D, seed=25), rand(1, 8, T, 3, D, seed=26), \
+        rand(1, 2 * T, 3, D, seed=27)
+    s = KVStore(8, batch=1, tokens=T, heads=3, head_dim=D)
+    for f in range(8):
+        s.commit(f, kh[:, f], vh[:, f])
+    for weights in ([0.0, 1.0, 0.0], [1.0, 0.0, 0.0]):  # the weights' budgets: floor 1, the rest to one head
+        sel = FocusedForcing(3, sample=T, head_weights=torch.tensor(weights)).select(s, q, 2, kh, vh, kn)
+        counts = sel.valid.sum(-1)
+        expect = FocusedForcing(3).head_budgets(torch.tensor(weights), 8)
+        assert counts.tolist() == [expect.tolist()] * 2 and expect.max() == 7
+    with pytest.raises(ValueError, match="one non-negative weight per head"):
+        FocusedForcing(3, head_weights=torch.tensor([1.0, -1.0, 0.0]))
+    with pytest.raises(ValueError, match="2 head weights for a layer of 3 heads"):
+        FocusedForcing(3, sample=T, head_weights=torch.tensor([1.0, 1.0])).select(s, q, 2, kh, vh, kn)
+
+
+def test_head_mask_hides_one_heads_history_only():
+    n, fq = 4, 2
+    kh, vh = rand(B, n, T, H, D, seed=31), rand(B, n, T, H, D, seed=32)
+    q, kn, vn = rand(B, fq * T, H, D, seed=33), rand(B, fq * T, H, D, seed=34), rand(B, fq * T, H, D, seed=35)
+    s = KVStore(n, batch=B, tokens=T, heads=H, head_dim=D)
+    out = attend(q, kn, vn, kh, vh, HeadMask(1).select(s, q, fq, kh, vh, kn))
+    full = attend(q, kn, vn, kh, vh, None)
+    alone = attend(q, kn, vn, None, None, None)  # the current chunk only
+    assert torch.allclose(out[:, :, 1], alone[:, :, 1], atol=1e-5)
+    others = [h for h in range(H) if h != 1]
+    assert torch.allclose(out[:, :, others], full[:, :, others], atol=1e-5)
+    assert not torch.allclose(full[:, :, 1], alone[:, :, 1], atol=1e-3)
 
 
 def test_budgets_and_capacities():

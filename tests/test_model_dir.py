@@ -28,12 +28,12 @@ def tiny_dir(root, tmp_path_factory):
 
 
 def test_two_ranks_from_model_folder_equal_the_preset_reference(root, tmp_path, tiny_dir):
-    # The folder holds the tiny preset's weights: loading it shard by shard on
-    # 2 ranks must give the same latents as the in-memory serial reference.
+    # The folder holds the tiny-random preset's weights: loading it shard by shard on
+    # 2 ranks must give the same latents as the in-memory serial reference of that preset.
     res = launch(root, 2, tmp_path / "run", ["--model", str(tiny_dir)])
     assert "Loading weights" not in res.stderr and "%|" not in res.stderr  # --no-progress: no library's bars
     _, got = read_blocks(tmp_path / "run")
-    ref = reference("unipc")
+    ref = reference("unipc", preset="tiny-random")
     assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-5
 
 
@@ -120,7 +120,7 @@ def _set_config(d, **changes):
 
 
 def _original_state(layers=None):
-    """The tiny preset's transformer in the original Wan naming, as Self-Forcing ships it (``model.`` prefix)."""
+    """The tiny-random preset's transformer in the original Wan naming, as Self-Forcing ships it (``model.`` prefix)."""
     from test_weights import to_original_names
 
     from dualpar.models.tiny import tiny_transformer
@@ -252,7 +252,7 @@ def test_shipped_self_forcing_config_matches_its_training(root):
 
 
 def test_original_wan_naming_file_through_the_launcher(root, tmp_path, tiny_dir):
-    # The tiny preset's transformer renamed to the original Wan naming (as
+    # The tiny-random preset's transformer renamed to the original Wan naming (as
     # Self-Forcing ships it: nested under "generator", prefixed "model.")
     # must give exactly the same video latents.
     import torch
@@ -270,5 +270,5 @@ def test_original_wan_naming_file_through_the_launcher(root, tmp_path, tiny_dir)
             save_file({"generator.model." + k: v.contiguous() for k, v in sd.items()}, str(path))
         launch(root, 2, tmp_path / f"run-{fmt}", ["--model", str(tiny_dir), "--transformer-file", str(path)])
         _, got = read_blocks(tmp_path / f"run-{fmt}")
-        ref = reference("unipc")
+        ref = reference("unipc", preset="tiny-random")
         assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-5

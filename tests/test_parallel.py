@@ -38,9 +38,12 @@ def read_blocks(out):
 _REF = {}
 
 
-def reference(scheduler):
-    if scheduler not in _REF:
+def reference(scheduler, preset="tiny", shared_noise=True):
+    """The serial reference of ``ARGS`` (on the default, trained preset unless told)."""
+    key = (scheduler, preset, shared_noise)
+    if key not in _REF:
         cfg = Config()
+        cfg.model.preset, cfg.parallel.shared_noise = preset, shared_noise
         for k, v in {"video.frames": 89, "video.height": 32, "video.width": 48, "parallel.block": 4,
                      "parallel.num_cat": 2, "sampling.steps": 4, "model.text_len": 32, "sampling.seed": 11,
                      "sampling.scheduler": scheduler}.items():
@@ -48,8 +51,8 @@ def reference(scheduler):
         model = loader.load_slice(cfg, 0, loader.num_layers(cfg), torch.device("cpu"))
         tok, te = loader.load_text_encoder(cfg)
         states = loader.encode_prompts(tok, te, [cfg.sampling.prompt, cfg.sampling.negative_prompt], 32)
-        _REF[scheduler] = serial_reference(cfg, model, model.text_context(states))
-    return _REF[scheduler]
+        _REF[key] = serial_reference(cfg, model, model.text_context(states))
+    return _REF[key]
 
 
 @pytest.mark.parametrize("scheduler", ["unipc", "euler"])
@@ -88,6 +91,15 @@ def test_context_changes_the_result(root, tmp_path):
     _, got = read_blocks(tmp_path / "nocat")
     ref = reference("unipc")
     assert max((a - b).abs().max().item() for a, b in zip(got[1:], ref[1:])) > 1e-3
+
+
+def test_fresh_noise_per_block_equals_its_serial_reference(root, tmp_path):
+    # the shared-noise ablation: every block draws fresh noise, on the ranks as in the reference
+    launch(root, 2, tmp_path / "fresh", ["--set", "parallel.shared_noise=false"])
+    _, got = read_blocks(tmp_path / "fresh")
+    ref, shared = reference("unipc", shared_noise=False), reference("unipc")
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) <= 1e-5
+    assert max((a - b).abs().max().item() for a, b in zip(got[1:], shared[1:])) > 1e-3
 
 
 def test_two_ranks_stream_a_complete_mp4(root, tmp_path):

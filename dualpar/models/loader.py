@@ -1,14 +1,16 @@
 """Build the parts of a model that one rank needs, and the schedulers and prompt encoder.
 
-Two sources: the embedded ``tiny`` preset (built in-process from a seed) or a
-local diffusers-format Wan2.1 folder (``model.path``), from which each rank
-reads only the transformer tensors it owns.
+Two sources: a diffusers-format Wan2.1 folder (``model.path``, or the trained
+``tiny`` preset's, which ships with the package), from which each rank reads
+only the transformer tensors it owns; or the ``tiny-random`` preset, built
+in-process from a seed.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,12 +32,14 @@ def check_model(cfg: Config) -> None:
     from .weights import WeightsError, check_model_dir, transformer_config
 
     m = cfg.model
-    if not m.path:
+    if not m.folder:
         return
+    what = "--model" if m.path else f"model.preset {m.preset}"
     try:
-        config = check_model_dir(m.path, transformer_weights=not m.transformer_file)
+        config = check_model_dir(m.folder, transformer_weights=not m.transformer_file)
     except WeightsError as e:
-        raise ConfigError(f"--model: {e}") from None
+        hint = "" if m.path else " (train it with scripts/train_tiny.py, or use model.preset=tiny-random)"
+        raise ConfigError(f"{what}: {e}{hint}") from None
     if m.transformer_file:
         p = Path(m.transformer_file)
         if not p.is_file():
@@ -48,14 +52,72 @@ def check_model(cfg: Config) -> None:
             raise ConfigError(f"model.transformer_file: {e}") from None
 
 
-def num_layers(cfg: Config) -> int:
-    if cfg.model.path:
+def head_importance(cfg: Config) -> list[list[float]] | None:
+    """The calibrated head importances [layer][head] when ``causal.head_budget`` asks for them (ConfigError
+    when the model folder has none, or ones of another shape); None otherwise."""
+    from ..config import HEAD_IMPORTANCE
+
+    if cfg.sampling.mode != "causal" or cfg.causal.policy != "focused" or cfg.causal.head_budget != "calibrated":
+        return None
+    if not cfg.model.folder:
+        raise ConfigError("causal.head_budget=calibrated needs a model folder (--model, or the trained tiny "
+                          "preset): the tiny-random preset has no calibration")
+    path = Path(cfg.model.folder) / HEAD_IMPORTANCE
+    if not path.is_file():
+        raise ConfigError(f"causal.head_budget=calibrated: no {path}; measure it with scripts/calibrate_heads.py")
+    try:
+        table = json.loads(path.read_text())["importance"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not a head-importance file (no 'importance' table)") from None
+    heads = _heads(cfg)
+    if (not isinstance(table, list) or len(table) != num_layers(cfg)
+            or any(not isinstance(r, list) or len(r) != heads for r in table)
+            or any(not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 for r in table for v in r)):
+        raise ConfigError(f"{path}: expected {num_layers(cfg)} rows of {heads} non-negative importances")
+    return [[float(v) for v in r] for r in table]
+
+
+def _heads(cfg: Config) -> int:
+    if cfg.model.folder:
         from .weights import read_transformer_config
 
-        return int(read_transformer_config(cfg.model.path)["num_layers"])
+        return int(read_transformer_config(cfg.model.folder)["num_attention_heads"])
+    from .tiny import TINY_TRANSFORMER
+
+    return TINY_TRANSFORMER["num_attention_heads"]
+
+
+def num_layers(cfg: Config) -> int:
+    if cfg.model.folder:
+        from .weights import read_transformer_config
+
+        return int(read_transformer_config(cfg.model.folder)["num_layers"])
     from .tiny import TINY_TRANSFORMER
 
     return TINY_TRANSFORMER["num_layers"]
+
+
+def load_transformer(cfg: Config):
+    """The whole transformer (diffusers' ``WanTransformer3DModel``, float32, on the CPU): for
+    references and baselines that run the model outside the engine."""
+    if cfg.model.transformer_file:
+        raise ConfigError("load_transformer reads the folder's own transformer, not model.transformer_file")
+    if cfg.model.folder:
+        from diffusers import WanTransformer3DModel
+        from safetensors.torch import load_file
+
+        from .weights import read_transformer_config
+
+        # built and filled here: diffusers' from_pretrained refuses this model without accelerate
+        model = WanTransformer3DModel.from_config(read_transformer_config(cfg.model.folder))
+        state = {}
+        for shard in sorted((Path(cfg.model.folder) / "transformer").glob("*.safetensors")):
+            state.update(load_file(shard))
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return model.eval().requires_grad_(False)
+    from .tiny import tiny_transformer
+
+    return tiny_transformer(cfg.model.weights_seed)
 
 
 def load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanSlice:
@@ -71,16 +133,16 @@ def load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanS
 
 def _load_slice(cfg: Config, first: int, last: int, device: torch.device) -> WanSlice:
     dtype = torch_dtype(cfg.model.dtype)
-    if cfg.model.path:
+    if cfg.model.folder:
         from . import original_wan, weights
 
         if cfg.model.transformer_file:
-            config = weights.read_transformer_config(cfg.model.path)
+            config = weights.read_transformer_config(cfg.model.folder)
             part, _ = original_wan.load_original_wan_slice(
                 config, cfg.model.transformer_file, first, last, dtype=dtype, device=device
             )
         else:
-            part, _ = weights.load_transformer_slice(cfg.model.path, first, last, dtype=dtype, device=device)
+            part, _ = weights.load_transformer_slice(cfg.model.folder, first, last, dtype=dtype, device=device)
         return part.eval().requires_grad_(False)
 
     from .weights import keep_fp32_names
@@ -99,6 +161,14 @@ def _load_slice(cfg: Config, first: int, last: int, device: torch.device) -> Wan
     return part.eval().requires_grad_(False)
 
 
+def _have_accelerate() -> bool:
+    """diffusers' low-memory loading needs accelerate; without it, ask for the plain way rather than
+    let diffusers print a paragraph recommending the install on every load."""
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def _hub_bars(cfg: Config) -> None:
     """diffusers' and transformers' own loading bars follow ``output.progress`` (off: no bar of theirs)."""
     import diffusers.utils.logging as dl
@@ -110,11 +180,12 @@ def _hub_bars(cfg: Config) -> None:
 
 def load_vae(cfg: Config, device: torch.device | str = "cpu"):
     """The VAE, in float32, for the rank that writes the output."""
-    if cfg.model.path:
+    if cfg.model.folder:
         from diffusers import AutoencoderKLWan
 
         _hub_bars(cfg)
-        vae = AutoencoderKLWan.from_pretrained(cfg.model.path, subfolder="vae", torch_dtype=torch.float32)
+        vae = AutoencoderKLWan.from_pretrained(cfg.model.folder, subfolder="vae", torch_dtype=torch.float32,
+                                               low_cpu_mem_usage=_have_accelerate())
     else:
         from .tiny import tiny_vae
 
@@ -124,14 +195,14 @@ def load_vae(cfg: Config, device: torch.device | str = "cpu"):
 
 def load_text_encoder(cfg: Config, device: torch.device | str = "cpu"):
     """Tokenizer and UMT5 encoder (in the model dtype, as WanPipeline loads it)."""
-    if cfg.model.path:
+    if cfg.model.folder:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         _hub_bars(cfg)
-        tok = AutoTokenizer.from_pretrained(cfg.model.path, subfolder="tokenizer")
+        tok = AutoTokenizer.from_pretrained(cfg.model.folder, subfolder="tokenizer")
         # T5 activations overflow in float16: run the encoder in bfloat16 then.
         dtype = torch.bfloat16 if cfg.model.dtype == "float16" else torch_dtype(cfg.model.dtype)
-        enc = UMT5EncoderModel.from_pretrained(cfg.model.path, subfolder="text_encoder", torch_dtype=dtype)
+        enc = UMT5EncoderModel.from_pretrained(cfg.model.folder, subfolder="text_encoder", torch_dtype=dtype)
     else:
         from .tiny import tiny_text_encoder, tiny_tokenizer
 
@@ -160,7 +231,7 @@ class PromptCache:
             return
         tokenizer, encoder = load_text_encoder(self.cfg, self.device)
         self.loads += 1
-        states = encode_prompts(tokenizer, encoder, missing, self.cfg.model.text_len)
+        states = encode_prompts(tokenizer, encoder, missing, self.cfg.model.tokens)
         del tokenizer, encoder
         print(f"[rank 0] text encoder loaded for {len(missing)} prompt(s), then freed", file=sys.stderr, flush=True)
         gc.collect()
@@ -202,7 +273,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_len: int) ->
 def make_scheduler(cfg: Config, device: torch.device | str = "cpu"):
     """A scheduler with its timesteps set, as WanPipeline configures it.
 
-    With ``model.path`` the folder's UniPC settings are used; ``flow_shift``
+    With a model folder its UniPC settings are used; ``flow_shift``
     always comes from the run's config.
     """
     s = cfg.sampling
@@ -210,8 +281,8 @@ def make_scheduler(cfg: Config, device: torch.device | str = "cpu"):
         from diffusers import UniPCMultistepScheduler
 
         base = dict(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000)
-        if cfg.model.path:
-            folder = Path(cfg.model.path) / "scheduler" / "scheduler_config.json"
+        if cfg.model.folder:
+            folder = Path(cfg.model.folder) / "scheduler" / "scheduler_config.json"
             saved = json.loads(folder.read_text())
             if saved.get("_class_name") == "UniPCMultistepScheduler":
                 base = {k: v for k, v in saved.items() if not k.startswith("_")}

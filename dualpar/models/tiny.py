@@ -58,12 +58,15 @@ _WORDS = (
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
 
 
-def tiny_tokenizer():
-    """A small sentencepiece-unigram T5 tokenizer: whole words plus single characters."""
+def tiny_tokenizer(extra_words=()):
+    """A small sentencepiece-unigram T5 tokenizer: whole words plus single characters.
+
+    ``extra_words`` extends the vocabulary (the trained preset's: every word its prompts use,
+    so that a prompt is one token per word)."""
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    vocab += [("\u2581" + w, -5.0) for w in _WORDS]
+    vocab += [("\u2581" + w, -5.0) for w in dict.fromkeys([*_WORDS, *extra_words])]
     vocab += [(c, -8.0) for c in _CHARS]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
