@@ -47,7 +47,7 @@ DUALPAR_HEADLINE = {"latency": 6.54, "memory": 1.48, "gpus": "8x RTX 4090"}
 SETTINGS = {
     "full": dict(sweep_frames=[65, 129, 257, 513, 1025], speedup_frames=None, repeat=2,
                  sim_calib=dict(frames=257, block=8, num_cat=4), sim_target=dict(frames=513, block=4, num_cat=2),
-                 causal_args=[], comm_args=[], quality_args=["--prompts", "2"]),  # else the scripts' defaults
+                 causal_args=[], comm_args=[], quality_args=["--prompts", "1"]),  # else the scripts' defaults
     # Smoke test of the whole pipeline: one short length, one repeat, a small simulator case; the causal
     # section on bench_causal.py's quick cases with one repeat and the staggered schedule only (2 launches).
     "quick": dict(sweep_frames=[33], speedup_frames=33, repeat=1,
@@ -758,9 +758,11 @@ def render_quality(data: dict, ctx: Ctx) -> str:
              f"**{v['psnr_db']:.1f} dB** PSNR (worst clip {v['psnr_min_db']:.1f} dB)."]
     t = data.get("training")
     if t and not t.get("partial"):
-        notes += ["", f"Training (`scripts/train_tiny.py`, {t.get('minutes', '?')} min on this machine's CPU): "
+        notes += ["", "Training (`scripts/train_tiny.py`, on this machine's CPU; the README says how long): "
                   + ", ".join(f"{k} {n} steps" for k, n in t["steps"].items())
-                  + f"; final flow-matching loss {t['dit_final_loss']:.3f}."]
+                  + f"; final flow-matching loss {t['dit_final_loss']:.3f}; the VAE's PSNR at the end of "
+                  f"training {t['vae_psnr_db']:.1f} dB (16 held-out clips of 17 frames: shorter clips than "
+                  "above, whose later frames the VAE codes worse)."]
     for name, alt in (("training_losses.png", "training losses"), ("demo_strip.png", "frames of the demo")):
         if os.path.exists(os.path.join(ctx.plots, name)):
             notes += ["", f"![{alt}]({os.path.relpath(os.path.join(ctx.plots, name), ctx.md_dir)})"]
