@@ -564,6 +564,14 @@ def model_defaults(m: ModelConfig) -> tuple[dict, str]:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
 
+def apply_model_defaults(cfg: Config) -> Config:
+    """Set ``cfg``'s model folder's own defaults on it (as the command line does before the user's
+    values): for configs built in code, e.g. references, to match what a run of that model uses."""
+    defaults, source = model_defaults(cfg.model)
+    cfg.update(defaults, source=source)
+    return cfg
+
+
 def load_config(path: str | None, base: Config | None = None) -> Config:
     """Read a YAML config file over ``base`` (default: the defaults); no file: ``base``."""
     cfg = base if base is not None else Config()

@@ -356,9 +356,9 @@ def md_versions(res: dict) -> list[str]:
 
 
 def tiny_config(g: dict, mode: str, dtype: str, out: str, decode: bool = True):
-    from dualpar.config import Config
+    from dualpar.config import Config, apply_model_defaults
 
-    cfg = Config()
+    cfg = apply_model_defaults(Config())  # as launch/gen.py's 2 ranks (compared with this) see the preset
     for k, v in {"video.frames": g["frames"], "video.height": g["height"], "video.width": g["width"],
                  "parallel.block": g["block"], "parallel.num_cat": g["num_cat"], "sampling.steps": g["steps"],
                  "model.text_len": g["text_len"], "model.dtype": dtype, "sampling.mode": mode,

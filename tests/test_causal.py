@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import gen
-from dualpar.config import Config
+from dualpar.config import Config, apply_model_defaults
 from dualpar.models import loader
 from dualpar.reference import causal_reference
 from test_parallel import launch as run_gen
@@ -39,11 +39,14 @@ def test_full_cache_equals_block_causal_recompute(root, tmp_path, schedule, guid
     """The full policy == diffusers' model re-run every iteration over the whole video so far
     (clean chunks and the chunks in flight) with a block-causal mask and per-token timesteps
     (no cache anywhere)."""
+    # on the random preset: the cache-free recompute sums in another order, and the trained weights'
+    # larger activations take that rounding past 1e-5 (1.5e-5 measured)
     extra = ["--set", f"causal.schedule={schedule}", "--policy", "full", "--guidance", str(guidance),
-             "--set", f"causal.sampler={sampler}"]
+             "--set", f"causal.sampler={sampler}", "--preset", "tiny-random"]
     launch(root, 1, tmp_path / "run", extra)
     got = chunks(tmp_path / "run")
     cfg = Config()
+    cfg.model.preset = "tiny-random"
     for key, val in {"video.frames": 49, "video.height": 32, "video.width": 48, "model.text_len": 32,
                      "sampling.seed": 5, "sampling.mode": "causal", "sampling.guidance": guidance,
                      "causal.sampler": sampler, "causal.schedule": schedule}.items():
@@ -174,7 +177,7 @@ def test_causal_runs_are_not_resumable(root, tmp_path):
 
 
 def causal_cfg(**overrides):
-    cfg = Config()
+    cfg = apply_model_defaults(Config())
     for key, val in {"video.frames": 49, "video.height": 32, "video.width": 48, "model.text_len": 32,
                      "sampling.mode": "causal", "sampling.guidance": 1.0, "output.progress": False,
                      **overrides}.items():
@@ -263,7 +266,7 @@ def test_calibration_writes_a_table_the_engine_reads_and_a_missing_one_is_refuse
     table = json.loads((model / "head_importance.json").read_text())["importance"]
     assert len(table) == 8 and all(len(r) == 4 and all(v >= 0 for v in r) for r in table)
     assert max(max(r) for r in table) > 0  # hiding some head's history moves the video
-    cfg = Config()
+    cfg = apply_model_defaults(Config())
     for key, val in {"model.path": str(model), "sampling.mode": "causal", "causal.policy": "focused",
                      "causal.head_budget": "calibrated"}.items():
         cfg.set(key, val)

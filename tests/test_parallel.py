@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import gen
-from dualpar.config import Config
+from dualpar.config import Config, apply_model_defaults
 from dualpar.models import loader
 from dualpar.reference import serial_reference
 
@@ -44,6 +44,7 @@ def reference(scheduler, preset="tiny", shared_noise=True):
     if key not in _REF:
         cfg = Config()
         cfg.model.preset, cfg.parallel.shared_noise = preset, shared_noise
+        apply_model_defaults(cfg)  # what the run of that preset uses (the trained one: its guidance)
         for k, v in {"video.frames": 89, "video.height": 32, "video.width": 48, "parallel.block": 4,
                      "parallel.num_cat": 2, "sampling.steps": 4, "model.text_len": 32, "sampling.seed": 11,
                      "sampling.scheduler": scheduler}.items():
