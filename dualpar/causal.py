@@ -243,6 +243,13 @@ class CausalEngine:
     def name(task) -> str:
         return f"c{task.chunk} commit" if task.commit else f"c{task.chunk} s{task.step}"
 
+    @staticmethod
+    def on_ring(task) -> bool:
+        return True  # causal mode forecasts nothing (cache.policy is refused there)
+
+    def forecast(self, state, task) -> torch.Tensor:
+        raise RuntimeError("causal mode has no forecast tasks")
+
     def before_task(self, task) -> None:
         self.stage.model.release_prompts_before(self.plan.oldest_prompt(task))
 

@@ -35,6 +35,9 @@ _FLAGS = {
     "mode": ("sampling.mode", str, "bidirectional (block-wise DualParal) or causal (chunks with KV caches)"),
     "block": ("parallel.block", int, "latent frames per block"),
     "num_cat": ("parallel.num_cat", int, "context latent frames per neighbour"),
+    "cache": ("cache.policy", str, "timestep feature caching: forecast some denoising steps instead of computing them"),
+    "cache_level": ("cache.level", str, "feature caching: forecast the whole prediction on rank 0, or each stage's residual"),
+    "cache_interval": ("cache.interval", int, "feature caching: compute every N-th step after the warm-up"),
     "chunk": ("causal.chunk", int, "causal mode: latent frames per chunk"),
     "policy": ("causal.policy", str, "causal mode: which committed frames each query frame attends to"),
     "budget": ("causal.budget", float, "causal mode: frames attended per query frame (< 1: fraction of the video)"),
@@ -77,7 +80,7 @@ def build_parser(local_launch: bool = True) -> argparse.ArgumentParser:
         prog="gen.py",
         description="Block-wise pipelined long-video generation (DualParal) over frame blocks and DiT layers.",
     )
-    p.add_argument("--config", help="YAML config file (sections: model, video, sampling, parallel, causal, output)")
+    p.add_argument("--config", help="YAML config file (sections: model, video, sampling, parallel, causal, cache, output)")
     for flag, (key, typ, help_) in _FLAGS.items():
         allowed = choices(key)
         # The allowed values are shown, not enforced here: validation names the config key for
@@ -232,6 +235,10 @@ def config_for_resume(args: argparse.Namespace) -> Config:
         raise ConfigError(f"--resume {args.resume}: the run is already complete")
     if base.sampling.mode == "causal":
         raise ConfigError(f"--resume {args.resume}: causal runs take no checkpoints and cannot be resumed")
+    if not base.resumable():
+        raise ConfigError(f"--resume {args.resume}: runs with feature caching at cache.level=stage or with "
+                          "cache.neighbour=reuse take no checkpoints (every rank's caches would have to be in them) "
+                          "and cannot be resumed; cache.level=model with cache.neighbour=drop can")
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         raise ConfigError("--resume continues the run in its own directory; drop --out")
     cfg = config_from_args(args, Config.from_dict(manifest["config"]))

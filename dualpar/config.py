@@ -2,7 +2,7 @@
 
 All checks live here, so bad input is rejected before any model is built.
 A config file has one section per dataclass below (``model``, ``video``,
-``sampling``, ``parallel``, ``causal``, ``output``); every key is optional.
+``sampling``, ``parallel``, ``causal``, ``cache``, ``output``); every key is optional.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ HeadBudget = Literal["attention", "calibrated"]
 """Where Focused Forcing's head budgets come from (``causal.head_budget``)."""
 PolicyName = Literal["full", "window", "topk", "focused"]
 """The KV-cache policies of causal mode (what ``kv_cache.make_policy`` builds)."""
+CachePolicy = Literal["none", "reuse", "taylor", "newton"]
+"""Timestep feature caching: how a skipped step's features are forecast (``forecast.Forecaster``)."""
+CacheLevel = Literal["model", "stage"]
+"""What is forecast: the whole noise prediction on rank 0, or each rank's own stage residual."""
+NeighbourKV = Literal["reuse", "drop"]
+"""What an older block attends to when its newer neighbour's step was forecast (no fresh K/V)."""
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
 VAE_SPATIAL = 8
 
@@ -325,6 +331,50 @@ class CausalConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class CacheConfig:
+    policy: CachePolicy = "none"
+    """``none`` (every step computed), ``reuse`` (a skipped step repeats the last computed features),
+    ``taylor`` (TaylorSeer: a Taylor expansion in the step index from finite differences of the last
+    computed steps) or ``newton`` (the polynomial through the last ``order + 1`` computed steps,
+    extrapolated in the noise level: exact for polynomial trajectories, whatever the spacing)."""
+    level: CacheLevel = "model"
+    """``model``: rank 0 forecasts a block's whole noise prediction, and a forecast step never enters
+    the ring (no rank works on it); ``stage``: every rank forecasts its own layers' residual (output
+    minus input hidden states), packets still flow and every rank skips its layers."""
+    order: int = 1
+    """Polynomial order of ``taylor`` and ``newton`` (1 or 2); lower while fewer steps were computed."""
+    warmup: int = 2
+    """Denoising steps computed in full before the first forecast (per block)."""
+    interval: int = 2
+    """After the warm-up, every ``interval``-th step is computed and the others forecast (1: all computed)."""
+    last: int = 1
+    """Final steps always computed in full (per block; at least the last, which leaves the block clean)."""
+    neighbour: NeighbourKV = "reuse"
+    """An older block whose newer neighbour's step was forecast has no fresh context K/V: ``reuse`` the
+    K/V of the neighbour's last computed step, or ``drop`` the newer context for that step."""
+
+    def validate(self, steps: int) -> None:
+        """Raise ConfigError for the first problem of this section, for ``steps`` denoising steps."""
+        _check_choices(self)
+        if self.policy in ("taylor", "newton") and self.order not in (1, 2):
+            raise ConfigError(f"cache.order must be 1 or 2, got {self.order}")
+        if self.warmup < 1:
+            raise ConfigError(f"cache.warmup must be >= 1 (a forecast needs a computed step), got {self.warmup}")
+        if not 1 <= self.interval <= 1000:
+            raise ConfigError(f"cache.interval must be in [1, 1000], got {self.interval}")
+        if not 1 <= self.last <= steps:
+            raise ConfigError(f"cache.last must be in [1, steps={steps}], got {self.last}")
+
+    def full_steps(self, steps: int) -> list[bool]:
+        """Per denoising step, whether it is computed (True) or forecast (see :func:`schedule.full_steps`)."""
+        from .schedule import full_steps
+
+        if self.policy == "none":
+            return [True] * steps
+        return full_steps(steps, self.warmup, self.interval, self.last)
+
+
+@dataclass(kw_only=True, slots=True)
 class OutputConfig:
     out: str = ""
     """Output directory (video.mp4, latents/, manifest.json); empty: ``outputs/run-<date>-<time>``."""
@@ -359,11 +409,20 @@ class Config:
     """Block size and context size of the block-wise schedule."""
     causal: CausalConfig = field(default_factory=CausalConfig)
     """Chunks, timesteps and KV-cache policy of the causal mode."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Timestep feature caching: which denoising steps are forecast instead of computed, and how."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where and what to write."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def resumable(self) -> bool:
+        """Whether a run of this config takes checkpoints and can be resumed: not in causal mode, and with
+        feature caching only at ``cache.level=model`` with ``cache.neighbour=drop`` (a stage's forecast
+        history and its neighbours' reused K/V live on every rank, and checkpoints hold rank 0's state)."""
+        c = self.cache
+        return self.sampling.mode != "causal" and (c.policy == "none" or (c.level == "model" and c.neighbour == "drop"))
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "Config":
@@ -449,6 +508,10 @@ class Config:
         prompt_schedule(s.prompt, v.frames, causal=s.mode == "causal")
         if s.mode == "causal":
             self.causal.validate(v)  # the causal section is read in causal mode only
+        self.cache.validate(s.steps)
+        if self.cache.policy != "none" and s.mode == "causal":
+            raise ConfigError("cache.policy applies to the bidirectional mode (causal mode's few steps leave "
+                              "little to forecast); set cache.policy=none")
         self.output.validate()
 
 

@@ -4,6 +4,11 @@ The task list is :func:`schedule.make_tasks`: every queued block gets one
 denoising step per iteration, newest first. A task's input is the block's
 latents after its older neighbour's last ``num_cat`` frames; its prediction is
 applied with the block's own scheduler. The loops themselves are :mod:`ring`'s.
+
+With timestep feature caching (``cache``), some steps are forecast: at
+``cache.level=model`` rank 0 forecasts the block's prediction and the task
+never enters the ring; at ``stage`` it flows as usual and every stage
+forecasts its own residual (:class:`stage.Stage`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from . import schedule as sch
 from .comm import Comm
 from .config import Config, prompt_schedule
+from .forecast import Forecaster
 from .models import loader
 from .models.wan import MOD_ROWS, BlockShape
 from .noise import NoisePool
@@ -30,11 +36,25 @@ class Plan(Geometry):
 
     def __init__(self, cfg: Config, world: int, num_layers: int):
         super().__init__(cfg, world, num_layers, cfg.parallel.block)
-        self.tasks = sch.make_tasks(len(self.blocks), cfg.sampling.steps)
+        self.full = cfg.cache.full_steps(cfg.sampling.steps)
+        """Per denoising step: computed (True) or forecast."""
+        self.tasks = sch.make_tasks(len(self.blocks), cfg.sampling.steps, self.full)
         self.num_iterations = sch.num_iterations(len(self.blocks), cfg.sampling.steps)
+        self.sigmas = [float(t) / 1000.0 for t in loader.make_scheduler(cfg).timesteps]
+        """Each step's noise level (what ``newton`` forecasts in)."""
+        self.model_level = not all(self.full) and cfg.cache.level == "model"
+
+    def on_ring(self, task: sch.Task) -> bool:
+        """Whether the task goes around the ring (a forecast of the whole model does not)."""
+        return task.full or not self.model_level
+
+    def ring_tasks(self, start_iteration: int = 0) -> list[sch.Task]:
+        return [t for t in self.tasks if t.iteration >= start_iteration and self.on_ring(t)]
 
     def shape(self, task: sch.Task) -> BlockShape:
         lay = sch.layout(task, self.blocks, self.cfg.parallel.num_cat, self.cfg.sampling.steps)
+        if lay.extra and self.cfg.cache.neighbour == "drop" and not self.full[task.step - 1]:
+            lay = dataclasses.replace(lay, extra=0)  # the newer neighbour's step was forecast: no fresh K/V
         return BlockShape(**dataclasses.asdict(lay), height=self.lat_h, width=self.lat_w)
 
     def packet_shape(self, task: sch.Task, model) -> tuple[int, ...]:
@@ -50,7 +70,9 @@ class Engine:
         self.trace = trace or Trace(comm.rank, enabled=False)
         self.plan = Plan(cfg, comm.world, loader.num_layers(cfg))
         first, last = self.plan.layers[comm.rank]
-        self.stage = Stage(loader.load_slice(cfg, first, last, comm.device))
+        stage_forecast = None if all(self.plan.full) or cfg.cache.level != "stage" else Forecaster.for_config(cfg.cache)
+        self.stage = Stage(loader.load_slice(cfg, first, last, comm.device), full=self.plan.full,
+                           sigmas=self.plan.sigmas, forecast=stage_forecast)
         self.prompts = loader.PromptCache(cfg, comm.device) if comm.is_first else None
         # Tasks rank 0 may have in flight around the ring: enough to keep every stage
         # busy (each link holds up to comm.SEND_SLOTS sends and two receives posted ahead).
@@ -118,7 +140,8 @@ class Engine:
 
     def _run_other(self, start_iteration: int, checkpoint_every: int = 0) -> RunStats:
         plan, model, cfg = self.plan, self.stage.model, self.cfg
-        self.stage.cache.clear()
+        self.stage.reset()
+        tasks = plan.ring_tasks(start_iteration)
 
         def compute(task, packet, out):
             shape = plan.shape(task)
@@ -126,11 +149,18 @@ class Engine:
                 return model.head(self.stage.run(packet, task, shape), shape, cfg.sampling.guidance, out=out)
             return self.stage.run(packet, task, shape, out=out)
 
-        def patient(task):  # rank 0 may be taking a checkpoint before the first task of this iteration
-            return checkpoint_every and task.iteration % checkpoint_every == 0 and task.newer is None
+        # rank 0 may be taking a checkpoint at an iteration boundary before this task: the first task
+        # of an iteration, or the first after iterations whose tasks were all forecast
+        after = {t.index: prev for prev, t in zip([start_iteration - 1] + [t.iteration for t in tasks], tasks)}
 
-        return relay(self.comm, self.trace, [t for t in plan.tasks if t.iteration >= start_iteration],
-                     self.packet_shape, self.packet_dtype(), compute, self.name, self.pred_shape, patient)
+        def patient(task):
+            return checkpoint_every and any(i % checkpoint_every == 0
+                                            for i in range(after[task.index] + 1, task.iteration + 1))
+
+        st = relay(self.comm, self.trace, tasks, self.packet_shape, self.packet_dtype(), compute, self.name,
+                   self.pred_shape, patient)
+        st.peak_cache_bytes = self.stage.peak_bytes
+        return st
 
     # -- the mode, as ring.run_first sees it -----------------------------------------
 
@@ -150,6 +180,12 @@ class Engine:
     def before_task(self, task) -> None:
         pass
 
+    def on_ring(self, task) -> bool:
+        return self.plan.on_ring(task)
+
+    def forecast(self, state: "DenoiseState", task) -> torch.Tensor:
+        return state.forecast_pred(task)
+
     def embed(self, state: "DenoiseState", task) -> torch.Tensor:
         x = state.input(task, self.plan.shape(task).context)
         return self.stage.model.embed(x, state.timesteps[task.step], self.plan.batch)
@@ -161,11 +197,13 @@ class Engine:
         plan = self.plan
         tasks = [t for t in plan.tasks if t.iteration >= state.iteration]
         base = tasks[0].index if tasks else len(plan.tasks)
-        self.stage.cache.clear()
+        self.stage.reset()
         if progress is not None:
             progress.resume_from(base, state.blocks_done, sum(plan.frames_of_block(b) for b in range(state.blocks_done)))
-        return run_first(self, self.comm, state, tasks, base, writer, progress, keep_latents, checkpoint,
-                         checkpoint_every, should_stop)
+        st = run_first(self, self.comm, state, tasks, base, writer, progress, keep_latents, checkpoint,
+                       checkpoint_every, should_stop)
+        st.peak_cache_bytes = self.stage.peak_bytes + state.peak_forecast_bytes
+        return st
 
 
 class DenoiseState:
@@ -190,6 +228,9 @@ class DenoiseState:
         self.latents: dict[int, torch.Tensor] = {}
         self.scheds: dict[int, object] = {}
         self.tails: dict[int, torch.Tensor] = {}  # last num_cat frames of the latest finished block
+        # cache.level=model: the blocks' computed predictions, to forecast the others from
+        self.forecast = Forecaster.for_config(cfg.cache) if plan.model_level else None
+        self.peak_forecast_bytes = 0
 
     def live_blocks(self) -> int:
         return len(self.latents) + len(self.tails)
@@ -208,14 +249,23 @@ class DenoiseState:
             x = torch.cat([older[:, :, older.shape[2] - context :], x], dim=2)
         return x
 
+    def forecast_pred(self, task: sch.Task) -> torch.Tensor:
+        """The block's prediction at a forecast step (``cache.level=model``), from its computed ones."""
+        return self.forecast.predict(task.block, task.step, self.plan.sigmas[task.step])
+
     def apply(self, task: sch.Task, pred: torch.Tensor) -> torch.Tensor | None:
         """Scheduler step for the task's block; returns its latents if it is now clean."""
         b = task.block
+        if self.forecast is not None and task.full:
+            self.forecast.record(b, task.step, self.plan.sigmas[task.step], pred)
+            self.peak_forecast_bytes = max(self.peak_forecast_bytes, self.forecast.nbytes())
         self.latents[b] = self.scheds[b].step(pred, self.timesteps[task.step], self.latents[b], return_dict=False)[0]
         if not task.last_step:
             return None
         done = self.latents.pop(b)
         del self.scheds[b]
+        if self.forecast is not None:
+            self.forecast.drop(b)
         self.tails[b] = done[:, :, done.shape[2] - self.num_cat :]
         self.tails.pop(b - 1, None)  # no block needs it any more
         self.blocks_done += 1
@@ -237,6 +287,8 @@ class DenoiseState:
             "scheds": pack({str(k): scheduler_state(v) for k, v in self.scheds.items()}, "sched", tensors),
             "noise": pack(noise, "noise", tensors),
         }
+        if self.forecast is not None:
+            meta["forecast"] = pack(self.forecast.state(), "forecast", tensors)
         return meta, tensors
 
     def load_state_dict(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -263,3 +315,5 @@ class DenoiseState:
                 setattr(s, name, value)
             self.scheds[int(k)] = s
         self.noise.load_state_dict({}, unpack(meta["noise"], tensors))
+        if self.forecast is not None:
+            self.forecast.load(unpack(meta.get("forecast", {"dict": {}}), tensors), dev)

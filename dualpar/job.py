@@ -144,7 +144,7 @@ class Job:
                                        blocks_total=len(engine.plan.blocks), frames_total=cfg.video.frames,
                                        fps=cfg.video.fps, gop=engine.plan.frames_of_block(len(engine.plan.blocks) - 1),
                                        **common)
-                if not self.causal:  # (causal runs take no checkpoints)
+                if cfg.resumable():
                     # The engine's state is copied at each save; the writer's thread writes the file
                     # once the blocks queued before it are on disk, so denoising does not wait.
                     checkpointer = checkpoint.Checkpointer(
@@ -154,20 +154,24 @@ class Job:
                     def take_checkpoint(_state) -> None:  # the engine's state is one of the parts already
                         checkpointer.save()
 
+                elif cfg.sampling.mode != "causal":
+                    log(0, f"no checkpoints: feature caching at cache.level={cfg.cache.level} with cache.neighbour="
+                           f"{cfg.cache.neighbour} keeps state on every rank (cache.level=model with "
+                           f"cache.neighbour=drop takes them)")
                 writer.trace = self.trace
                 if cfg.output.progress:
                     progress = Progress(engine.plan)
             stats = engine.generate(writer=writer, progress=progress, state=state, checkpoint=take_checkpoint,
-                                    checkpoint_every=cfg.output.checkpoint_every,
+                                    checkpoint_every=cfg.output.checkpoint_every if cfg.resumable() else 0,
                                     should_stop=lambda: bool(self.stop_signal))
             if progress is not None:
                 progress.close()
             if stats.stopped:
                 signum = self.stop_signal[0] if self.stop_signal else signal.SIGTERM
                 name = signal.Signals(signum).name
-                if writer is not None and self.causal:
+                if writer is not None and not cfg.resumable():
                     writer.finish(complete=False, reason=f"stopped by {name}")
-                    log(0, f"stopped by {name}; the chunks finished so far are in {out}")
+                    log(0, f"stopped by {name}; what was finished so far is in {out} (this run cannot be resumed)")
                 elif writer is not None:
                     writer.finish(complete=False, reason=f"stopped by {name}; continue with --resume {out}")
                     log(0, f"stopped by {name} at iteration {state.iteration}; checkpoint saved. "
@@ -195,7 +199,8 @@ class Job:
             raise
         loop = comm.gather_floats([stats.wall_s, stats.compute_s, stats.wait_s, float(stats.bytes_sent), peak_rss_mb(),
                                    peak_cuda_mb(), float(stats.cache_bytes), float(stats.messages_sent),
-                                   float(stats.send_buffer_bytes)])
+                                   float(stats.send_buffer_bytes), float(stats.tasks), float(stats.forecasts),
+                                   float(stats.peak_cache_bytes)])
         if self.trace.enabled:
             self._write_trace(out)
         if rank == 0:
@@ -219,14 +224,22 @@ class Job:
         per_rank = [
             {"rank": r, "loop_s": wall, "busy_s": comp, "wait_s": wait, "bytes_sent": int(sent),
              "messages_sent": int(msgs), "send_buffers_mb": sbuf / 2**20, "peak_rss_mb": rss, "peak_cuda_mb": cuda,
-             "kv_cache_mb": kv / 2**20}
-            for r, (wall, comp, wait, sent, rss, cuda, kv, msgs, sbuf) in enumerate(loop)
+             "kv_cache_mb": kv / 2**20, "tasks": int(tasks), "forecasts": int(fc), "feature_cache_peak_mb": fcache / 2**20}
+            for r, (wall, comp, wait, sent, rss, cuda, kv, msgs, sbuf, tasks, fc, fcache) in enumerate(loop)
         ]
         for r in per_rank:
             log(0, f"stats of rank {r['rank']}: busy {r['busy_s'] / max(r['loop_s'], 1e-9):.0%}, "
                    f"waiting {r['wait_s']:.1f} s, sent {r['bytes_sent'] / 1e6:.1f} MB, peak RSS {r['peak_rss_mb']:.0f} MB")
         write_stats(out, {"world_size": self.comm.world, "frames": frames, "total_s": total,
                           "loop_s": max(r["loop_s"] for r in per_rank), "ranks": per_rank})
+        if cfg.cache.policy != "none":
+            c = cfg.cache
+            where = ("rank 0 forecast them; they never entered the ring" if c.level == "model"
+                     else "every rank forecast its own layers")
+            full = cfg.cache.full_steps(cfg.sampling.steps)
+            log(0, f"feature caching ({c.policy}, level {c.level}): {full.count(False)} of {len(full)} steps "
+                   f"of every block forecast ({where}); caches peaked at "
+                   f"{max(r['feature_cache_peak_mb'] for r in per_rank):.1f} MB on a rank")
         if cfg.sampling.mode == "causal":
             log(0, f"KV caches: {sum(r['kv_cache_mb'] for r in per_rank):.1f} MB over all ranks "
                    f"(policy {cfg.causal.policy})")

@@ -5,6 +5,13 @@ computes every queued block from that snapshot, newest to oldest, with the
 newer neighbour's K/V from the same iteration, and only then commits the new
 latents. It uses no task list, no dependency tracking, no stage cache and no
 communication, so the pipelined engine on N ranks can be checked against it.
+
+With timestep feature caching (``cache``) a forecast step takes the block's
+forecast noise prediction (``level=model``) or runs the embedding and head
+around the whole model's forecast residual (``level=stage``: each rank's
+stage forecasts its own, which sums to the same); an older block whose newer
+neighbour's step was forecast attends to that neighbour's K/V from its last
+computed step (``neighbour=reuse``) or to none (``drop``).
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import copy
 import torch
 
 from .config import Config
+from .forecast import Forecaster
 from .models import loader
-from .models.wan import BlockShape, WanSlice
+from .models.wan import MOD_ROWS, BlockShape, WanSlice
 from .noise import NoisePool
 from .schedule import split_blocks
 
@@ -40,6 +48,11 @@ def serial_reference(cfg: Config, model: WanSlice, text: torch.Tensor) -> list[t
     scheds: dict[int, object] = {}
     step: dict[int, int] = {}
     done: dict[int, torch.Tensor] = {}
+    full = cfg.cache.full_steps(steps)
+    sigmas = [float(t) / 1000.0 for t in template.timesteps]
+    forecaster = None if all(full) else Forecaster.for_config(cfg.cache)
+    stage_level = cfg.cache.level == "stage"
+    kv: dict[int, list] = {}  # block -> K/V of its first num_cat frames at its latest computed step
     for it in range(nb + steps - 1):
         if it < nb:
             live[it] = noise.next_block(blocks[it].frames)
@@ -47,32 +60,50 @@ def serial_reference(cfg: Config, model: WanSlice, text: torch.Tensor) -> list[t
             step[it] = 0
         snap = {**{b: t.clone() for b, t in done.items()}, **{b: t.clone() for b, t in live.items()}}
         queued = sorted(live, reverse=True)
-        newer_kv = None
         new = {}
         for b in queued:
+            s = step[b]
             x = snap[b]
             ctx = nc if b > 0 else 0
             if ctx:
                 x = torch.cat([snap[b - 1][:, :, -nc:], x], dim=2)
+            newer = b + 1 if (b + 1) in live else None  # its step this iteration was s - 1
+            fresh = newer is not None and full[s - 1]
             shape = BlockShape(
                 context=ctx,
                 own=blocks[b].frames,
-                extra=nc if (b + 1) in live else 0,
+                extra=nc if newer is not None and (fresh or cfg.cache.neighbour == "reuse") else 0,
                 keep=nc if (b - 1) in live else 0,
                 height=h,
                 width=w,
             )
-            t = template.timesteps[step[b]]
-            packet = model.embed(x, t, batch)
-            packet, kept = model.forward_layers(packet, shape, newer_kv if shape.extra else None)
-            pred = model.head(packet, shape, cfg.sampling.guidance)
+            t = template.timesteps[s]
+            if not full[s] and not stage_level:
+                pred = forecaster.predict(b, s, sigmas[s])
+            else:
+                packet = model.embed(x, t, batch)
+                n_tok = packet.shape[1] - MOD_ROWS  # token rows, then the time rows
+                if full[s]:
+                    out, kept = model.forward_layers(packet, shape, list(kv[newer]) if shape.extra else None)
+                    if shape.keep:
+                        kv[b] = kept
+                    if stage_level and forecaster is not None:
+                        forecaster.record(b, s, sigmas[s], out[:, :n_tok] - packet[:, :n_tok])
+                else:
+                    out = packet.clone()
+                    out[:, :n_tok] += forecaster.predict(b, s, sigmas[s], dtype=packet.dtype)
+                pred = model.head(out, shape, cfg.sampling.guidance)
+            if full[s] and forecaster is not None and not stage_level:
+                forecaster.record(b, s, sigmas[s], pred)
             new[b] = scheds[b].step(pred, t, snap[b], return_dict=False)[0]
-            newer_kv = kept
         for b in queued:
             live[b] = new[b]
             step[b] += 1
             if step[b] == steps:
                 done[b] = live.pop(b)
+                kv.pop(b + 1, None)
+                if forecaster is not None:
+                    forecaster.drop(b)
     return [done[b] for b in range(nb)]
 
 

@@ -13,6 +13,7 @@ only in what a task's input, head and prediction step are (:class:`Mode`).
 
 from __future__ import annotations
 
+import bisect
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,6 +55,11 @@ class RunStats:
     """Most block latents rank 0 held at once (queued blocks + context tail): bounded by ``steps + 1``."""
     cache_bytes: int = 0
     """Bytes held by this rank's KV caches (causal mode)."""
+    forecasts: int = 0
+    """Tasks whose prediction rank 0 forecast instead of sending them around the ring (``cache.level=model``)."""
+    peak_cache_bytes: int = 0
+    """Most bytes this rank's stage caches held at once (neighbour K/V and forecast histories), and on
+    rank 0 its forecast history of predictions."""
     blocks: list[torch.Tensor] = field(default_factory=list)
     """Finished block latents (rank 0, only when ``keep_latents``)."""
     comm_base: tuple[int, int] = (0, 0)
@@ -115,19 +121,27 @@ class Returns:
     """Rank 0's end of the ring: predictions come back in task order and are applied in that order."""
 
     def __init__(self, comm: Comm, trace: Trace, tasks, start: int, pred_shape, apply, name, stats: RunStats,
-                 watch: Stopwatch):
+                 watch: Stopwatch, on_ring=None, forecast=None):
         self.trace, self.tasks, self.apply, self.name, self.st, self.watch = trace, tasks, apply, name, stats, watch
+        self.on_ring, self.forecast = on_ring or (lambda t: True), forecast
         self.applied = start - 1
         """Index of the last task whose prediction has been applied (earlier ones: before ``start``)."""
         self.inbox = None
         if comm.world > 1:
-            expected = ((KIND_PRED, t.index, pred_shape(t), torch.float32) for t in tasks[start:])
+            expected = ((KIND_PRED, t.index, pred_shape(t), torch.float32) for t in tasks[start:] if self.on_ring(t))
             self.inbox = comm.inbox(comm.world - 1, expected)
 
     def drain(self, upto: int) -> None:
-        """Receive and apply every prediction up to task index ``upto``."""
+        """Receive (or, for a task off the ring, forecast) and apply every prediction up to task index ``upto``."""
         while self.applied < upto:
             nxt = self.tasks[self.applied + 1]
+            if not self.on_ring(nxt):
+                with self.trace.span(f"forecast {self.name(nxt)}", "scheduler", task=nxt.index), \
+                        self.watch.measure("compute"):
+                    self.apply(nxt, self.forecast(nxt))
+                self.st.forecasts += 1
+                self.applied += 1
+                continue
             with self.trace.span("recv", "wait", task=nxt.index), self.watch.measure("wait"):
                 pred = self.inbox.next()
             with self.trace.span(f"step {self.name(nxt)}", "scheduler", task=nxt.index), self.watch.measure("compute"):
@@ -170,6 +184,8 @@ class Mode(Protocol):
     def pred_shape(self, task) -> tuple[int, ...]: ...
     def packet_dtype(self) -> torch.dtype: ...
     def name(self, task) -> str: ...
+    def on_ring(self, task) -> bool: ...
+    def forecast(self, state, task) -> torch.Tensor: ...
     def before_task(self, task) -> None: ...
     def embed(self, state, task) -> torch.Tensor: ...
     def head(self, packet: torch.Tensor, task) -> torch.Tensor: ...
@@ -200,10 +216,14 @@ def run_first(mode: Mode, comm: Comm, state, tasks, base: int, writer=None, prog
             if progress is not None:
                 progress.block_done(b, plan.frames_of_block(b))
 
-    returns = Returns(comm, trace, plan.tasks, base, mode.pred_shape, apply, mode.name, st, watch)
+    returns = Returns(comm, trace, plan.tasks, base, mode.pred_shape, apply, mode.name, st, watch,
+                      mode.on_ring, lambda t: mode.forecast(state, t))
     drain = returns.drain
+    ring = [t for t in tasks if mode.on_ring(t)]  # what the other ranks work on (forecasts stay here)
+    nth = {t.index: k for k, t in enumerate(ring)}
+    ring_index = [t.index for t in ring]
     if comm.world > 1:
-        comm.reserve(comm.next, KIND_PACKET, [mode.packet_shape(t) for t in tasks], mode.packet_dtype())
+        comm.reserve(comm.next, KIND_PACKET, [mode.packet_shape(t) for t in ring], mode.packet_dtype())
     t0 = time.perf_counter()
     for i, task in enumerate(tasks):
         boundary = first_of_iteration(tasks, i)  # the tasks are consecutive from ``base``
@@ -211,15 +231,25 @@ def run_first(mode: Mode, comm: Comm, state, tasks, base: int, writer=None, prog
         if boundary and (stop or (checkpoint_every and task.iteration % checkpoint_every == 0)):
             drain(task.index - 1)  # the iteration is complete on rank 0
             state.iteration = task.iteration
-            if stop and comm.world > 1:  # release the other ranks before the (slow) checkpoint
-                comm.send_stop(comm.next, task.index, mode.packet_shape(task), mode.packet_dtype())
+            k = bisect.bisect_left(ring_index, task.index)  # the next task the other ranks expect
+            nxt = ring[k] if k < len(ring) else None
+            if stop and comm.world > 1 and nxt is not None:  # release the other ranks before the (slow) checkpoint
+                comm.send_stop(comm.next, nxt.index, mode.packet_shape(nxt), mode.packet_dtype())
             if checkpoint is not None:
                 checkpoint(state)
             if stop:
                 st.stopped = True
                 break
-        # Wait for the results this input depends on, and keep the ring's load bounded.
-        drain(max(task.needs, task.index - mode.in_flight))
+        if task.index not in nth:  # forecast here, applied in task order when a later wait reaches it
+            if comm.world == 1:
+                drain(task.index)
+            if progress is not None:
+                progress.task_done(task)
+            continue
+        # Wait for the results this input depends on, and keep the ring's load bounded (in ring tasks:
+        # forecasts do not load the ring).
+        k = nth[task.index]
+        drain(max(task.needs, ring[k - mode.in_flight].index if k >= mode.in_flight else -1))
         mode.before_task(task)
         out = None if comm.world == 1 else comm.send_buffer(
             comm.next, KIND_PACKET, mode.packet_shape(task), mode.packet_dtype(), task.index)

@@ -70,12 +70,29 @@ class Task:
     """Index of the last task whose result must be applied before this task's input is built (-1: none)."""
     last_step: bool
     """The block is clean after this step and leaves the queue."""
+    full: bool = True
+    """The step is computed (False: its features are forecast from the block's computed steps)."""
 
 
-def make_tasks(num_blocks: int, steps: int) -> list[Task]:
-    """All tasks of a run, in processing order (iterations, newest block first)."""
+def full_steps(steps: int, warmup: int, interval: int, last: int) -> list[bool]:
+    """Which denoising steps are computed when the others are forecast: the first ``warmup``, then
+    every ``interval``-th, and the final ``last``. The same for every block, so every rank knows
+    it from the config alone."""
+    return [s < warmup or s >= steps - last or (s - warmup) % interval == 0 for s in range(steps)]
+
+
+def last_full_step(full: list[bool], step: int) -> int:
+    """The latest computed step at or before ``step`` (-1: none)."""
+    return max((s for s in range(step + 1) if full[s]), default=-1)
+
+
+def make_tasks(num_blocks: int, steps: int, full: list[bool] | None = None) -> list[Task]:
+    """All tasks of a run, in processing order (iterations, newest block first); ``full`` marks the
+    computed steps (default: all)."""
     if num_blocks < 1 or steps < 1:
         raise ValueError("need at least one block and one step")
+    if full is not None and len(full) != steps:
+        raise ValueError(f"need one full/forecast mark per step, got {len(full)} for {steps} steps")
     where: dict[tuple[int, int], int] = {}  # (iteration, block) -> task index
     tasks: list[Task] = []
     for it in range(num_blocks + steps - 1):
@@ -94,6 +111,7 @@ def make_tasks(num_blocks: int, steps: int) -> list[Task]:
                 newer=b + 1 if b < newest else None,
                 needs=max(deps, default=-1),
                 last_step=(it - b == steps - 1),
+                full=True if full is None else full[it - b],
             )
             where[(it, b)] = task.index
             tasks.append(task)

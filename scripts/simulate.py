@@ -65,35 +65,54 @@ HOP = dict(latency_s=1e-3, bandwidth=2e9, packet_bytes_per_token=1024)
 
 
 def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_s"], bandwidth=HOP["bandwidth"],
-             packet_bytes_per_token=HOP["packet_bytes_per_token"]):
-    """Predicted loop wall time and idle fraction per rank."""
+             packet_bytes_per_token=HOP["packet_bytes_per_token"], full=None, level="model"):
+    """Predicted loop wall time and idle fraction per rank.
+
+    ``full``: per step, computed (True) or forecast (timestep feature caching, see
+    ``dualpar.schedule.full_steps``). At ``level`` ``model`` a forecast task never enters the ring:
+    rank 0 spends a scheduler step on it (the forecast costs about as much) when its turn to be
+    applied comes; at ``stage`` it flows as usual and every rank skips its layers (its fixed cost
+    stays: embedding on rank 0, head on the last)."""
     world = len(layers)
-    tasks = sch.make_tasks(len(blocks), steps)
+    tasks = sch.make_tasks(len(blocks), steps, full)
     in_flight = 2 * world
     free = [0.0] * world
     busy = [0.0] * world
     pred_at = {}  # task -> time its prediction reaches rank 0
     applied = -1
+    off_ring = {t.index for t in tasks if not t.full and level == "model"}
+    ring = [t.index for t in tasks if t.index not in off_ring]
+    nth = {i: k for k, i in enumerate(ring)}
 
     def cost(rank, task):
+        fixed = model["fixed"][rank] if rank < len(model["fixed"]) else 0.0
+        if not task.full:
+            return fixed
         nq, nkv = task_tokens(task, blocks, num_cat, steps, tpf)
         n = layers[rank][1] - layers[rank][0]
-        fixed = model["fixed"][rank] if rank < len(model["fixed"]) else 0.0
         return n * float(np.dot(model["layer"], features(nq, nkv))) + fixed
 
     def hop(task):
         nq, _ = task_tokens(task, blocks, num_cat, steps, tpf)
         return latency_s + nq * packet_bytes_per_token / bandwidth
 
-    # Rank 0 drives the order; other ranks follow task by task.
-    for task in tasks:
-        need = max(task.needs, task.index - in_flight)
+    def apply_upto(need):
+        nonlocal applied
         while applied < need:
             j = applied + 1
-            t = max(free[0], pred_at[j]) if world > 1 else free[0]
+            t = free[0] if (world == 1 or j in off_ring) else max(free[0], pred_at[j])
             free[0] = t + model["sched_s"]
             busy[0] += model["sched_s"]
             applied = j
+
+    # Rank 0 drives the order; other ranks follow task by task.
+    for task in tasks:
+        if task.index in off_ring:
+            if world == 1:
+                apply_upto(task.index)
+            continue
+        k = nth[task.index]
+        apply_upto(max(task.needs, ring[k - in_flight] if k >= in_flight else -1))
         start = free[0]
         c = cost(0, task)
         free[0] = start + c
@@ -112,11 +131,7 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
             free[0] += model["sched_s"]
             busy[0] += model["sched_s"]
             applied = task.index
-    while applied < len(tasks) - 1:
-        j = applied + 1
-        free[0] = max(free[0], pred_at[j]) + model["sched_s"]
-        busy[0] += model["sched_s"]
-        applied = j
+    apply_upto(len(tasks) - 1)
     wall = max(free)
     return {"wall_s": wall, "idle": [1 - b / wall for b in busy]}
 
@@ -348,12 +363,12 @@ def _memory_gb(m, frames, steps, num_cat, ranks, block, cfg_serial=False):
                 peak_at=w["peak_at"])
 
 
-def _project_one(g, m, frames, steps, num_cat, ranks, block):
+def _project_one(g, m, frames, steps, num_cat, ranks, block, full=None, level="model"):
     blocks, tasks, nc, st, tpf, layers = plan_for(frames, block, num_cat, steps, ranks, m["layers"], m["hw"])
     model = dict(flops_model(m["dim"], m["ffn"], EFFICIENCY * g["peak_flops"]), fixed=[0.0] * ranks)
     bytes_per_token = 2 * m["dim"] * 2  # CFG rows, bf16
     out = simulate(blocks, st, nc, tpf, layers, model, latency_s=g["latency_s"], bandwidth=g["bandwidth"],
-                   packet_bytes_per_token=bytes_per_token)
+                   packet_bytes_per_token=bytes_per_token, full=full, level=level)
     n = max(b - a for a, b in layers)
     mem = _memory_gb(m, frames, steps, num_cat, ranks, block)
     # One steady-state hop against one stage's compute for the same task (the largest stage).
@@ -412,6 +427,40 @@ def projection(frames=1025, steps=50, num_cat=8):
                        "dtype": "bfloat16", "attn": "flash"}}
 
 
+CACHE_GPUS = "8x H100 SXM, NVLink"
+CACHE_INTERVALS = (2, 3, 4)
+
+
+def cache_projection(frames=1025, steps=50, num_cat=8, ranks=8, block=8, warmup=2, last=1):
+    """Projected wall time and idle with timestep feature caching (both levels, intervals 2-4) against
+    none, for both models on 8 GPUs: what the schedule alone gives, fidelity aside."""
+    g = GPUS[CACHE_GPUS]
+    rows = []
+    for mname, m in MODELS.items():
+        base = _project_one(g, m, frames, steps, num_cat, ranks, block)
+        rows.append(dict(model=mname, level="none", interval=1, computed=1.0, wall_s=base["wall_s"],
+                         idle=base["idle"], speedup=1.0))
+        for level in ("model", "stage"):
+            for interval in CACHE_INTERVALS:
+                full = sch.full_steps(steps, warmup, interval, last)
+                r = _project_one(g, m, frames, steps, num_cat, ranks, block, full=full, level=level)
+                rows.append(dict(model=mname, level=level, interval=interval, computed=sum(full) / steps,
+                                 wall_s=r["wall_s"], idle=r["idle"], speedup=base["wall_s"] / r["wall_s"]))
+    return {"gpus": CACHE_GPUS, "frames": frames, "steps": steps, "ranks": ranks, "block": block,
+            "num_cat": num_cat, "warmup": warmup, "last": last, "rows": rows}
+
+
+def cache_markdown(data: dict) -> str:
+    lines = [f"Projected with feature caching: {data['frames']} frames, {data['steps']} steps (warm-up "
+             f"{data['warmup']}, last {data['last']}), {data['ranks']} ranks of {data['gpus']}, block {data['block']}, "
+             f"num_cat {data['num_cat']}; layer time only (the forecasts' fidelity is measured, not projected).", "",
+             "| model | level | interval | steps computed | wall s | speed-up | max idle |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['level']} | {r['interval']} | {r['computed']:.0%} | {r['wall_s']:.0f} | "
+                     f"{r['speedup']:.2f}x | {max(r['idle']):.0%} |")
+    return "\n".join(lines)
+
+
 def project(frames=1025, steps=50, num_cat=8):
     data = projection(frames, steps, num_cat)
     print(f"projection: {frames} frames, {steps} steps, num_cat {num_cat}, CFG, bf16\n")
@@ -426,6 +475,8 @@ def project(frames=1025, steps=50, num_cat=8):
         print(f"balanced: {r['gpus']}, {r['model']}: {r['ranks']} ranks, block {r['block']}: {r['wall_s']:.0f} s, "
               f"max idle {max(r['idle']):.0%}")
     print("\n" + memory_markdown(data["memory"], frames))
+    data["cache"] = cache_projection(frames, steps, num_cat)
+    print("\n" + cache_markdown(data["cache"]))
     return data
 
 

@@ -56,6 +56,10 @@ WINDOW = 13
 a little more (windows are cut anywhere in a clip, so most do not start at the video's first frame)."""
 SHIFT = 3.0
 """Timestep shift of training, equal to the demo's ``flow_shift``."""
+OBJECT_WEIGHT = 4.0
+"""Extra loss weight of the latent cells an object touches (the transformer's loss)."""
+BANK = "latents-inview.pt"
+"""The latent bank's file in ``--work``: clips whose objects stay in view, with their object masks."""
 STAGES = ("vae-image", "vae-clip", "dit")
 
 
@@ -250,46 +254,56 @@ def in_view(scene, t0: int, frames: int) -> bool:
     return True
 
 
-def bank_visibility(seed: int, n: int) -> torch.Tensor:
-    """For each clip of the latent bank (replaying its generator), whether its objects stay in view."""
-    rng = np.random.default_rng([seed, 7])
-    frames = 1 + 4 * (LATENT_CLIP - 1)
-    out = []
-    for _ in range(n):
+def in_view_clip(rng: np.random.Generator, frames: int):
+    """A scene and a start frame whose objects all stay in view for ``frames`` frames (drawn again
+    until they do: bouncing objects always do, moving ones only early in their scene)."""
+    while True:
         scene = sample_scene(rng)
-        out.append(in_view(scene, int(rng.integers(0, 400)), frames))
-    return torch.tensor(out)
+        t0 = int(rng.integers(0, 400))
+        if in_view(scene, t0, frames):
+            return scene, t0
+
+
+def latent_mask(covered: np.ndarray) -> torch.Tensor:
+    """Pixels an object covers ``[F, H, W]`` -> the latent cells they touch ``[L, H/8, W/8]``: a latent
+    frame codes the first frame alone, then four frames each (Wan's VAE), a cell 8x8 pixels."""
+    m = torch.from_numpy(covered).float()
+    f, h, w = m.shape
+    m = torch.cat([m[:1], m[1:].view((f - 1) // 4, 4, h, w).amax(1)])
+    return F.max_pool2d(m[:, None], 8)[:, 0].bool()
 
 
 @torch.no_grad()
-def latent_bank(vae, device, seed: int, n: int, args) -> tuple[torch.Tensor, list[str]]:
-    """``n`` encoded clips of LATENT_CLIP latent frames, unnormalized, with their prompts."""
+def latent_bank(vae, device, seed: int, n: int, args) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """``n`` encoded clips of LATENT_CLIP latent frames whose objects stay in view, unnormalized, with
+    their prompts and the latent cells their objects touch."""
     from tqdm import tqdm
 
     rng = np.random.default_rng([seed, 7])
-    lat, prompts = [], []
+    lat, prompts, masks = [], [], []
     frames = 1 + 4 * (LATENT_CLIP - 1)
     for _ in tqdm(range(0, n, 4), desc="encode", disable=args.no_progress, dynamic_ncols=True):
         xs = []
         for _ in range(4):
-            scene = sample_scene(rng)
-            t0 = int(rng.integers(0, 400))
-            xs.append(to_tensor(render(scene, t0 + frames, SIZE, SIZE)[t0:]))
+            scene, t0 = in_view_clip(rng, frames)
+            video = render(scene, t0 + frames, SIZE, SIZE)[t0:]
+            xs.append(to_tensor(video))
+            masks.append(latent_mask((video != np.array(BACKGROUNDS[scene.background], np.uint8)).any(-1)))
             prompts.append(scene.prompt())
         lat.append(vae.encode(torch.stack(xs).to(device)).latent_dist.mode().cpu())
-    return torch.cat(lat)[:n], prompts[:n]
+    return torch.cat(lat)[:n], prompts[:n], torch.stack(masks)[:n]
 
 
 def load_bank(args, work: Path, device: torch.device, vae, clips: int | None = None):
     """The latent bank (encoded once, then read back from ``work``)."""
-    bank_path = work / "latents.pt"
+    bank_path = work / BANK
     if bank_path.exists():
         saved = torch.load(bank_path, weights_only=True)
-        return saved["latents"], saved["prompts"]
-    lat, prompts = latent_bank(vae, device, args.seed, clips or args.clips, args)
+        return saved["latents"], saved["prompts"], saved["masks"]
+    lat, prompts, masks = latent_bank(vae, device, args.seed, clips or args.clips, args)
     if clips is None:
-        torch.save({"latents": lat, "prompts": prompts}, bank_path)
-    return lat, prompts
+        torch.save({"latents": lat, "prompts": prompts, "masks": masks}, bank_path)
+    return lat, prompts, masks
 
 
 def export_current(args, device: torch.device) -> int:
@@ -310,7 +324,7 @@ def export_current(args, device: torch.device) -> int:
     dit = WanTransformer3DModel(**TINY_TRANSFORMER)
     if (work / "dit.pt").exists():
         dit.load_state_dict(torch.load(work / "dit.pt", weights_only=True)["model"])
-    lat, _ = load_bank(args, work, device, vae, clips=None if (work / "latents.pt").exists() else 8)
+    lat, _, _ = load_bank(args, work, device, vae, clips=None if (work / BANK).exists() else 8)
     tok, enc = text_parts(args.seed)
     info = {"partial": True, "stages": {n: int(torch.load(work / f"{n}.pt", weights_only=True)["step"])
                                         for n in STAGES if (work / f"{n}.pt").exists()}}
@@ -331,11 +345,8 @@ def train_dit(args, work: Path, device: torch.device, vae, tok, enc):
     from dualpar.models.tiny import TINY_TRANSFORMER
     from diffusers import WanTransformer3DModel
 
-    lat, prompts = load_bank(args, work, device, vae)
+    lat, prompts, masks = load_bank(args, work, device, vae)
     mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))
-    keep = bank_visibility(args.seed, len(lat))
-    lat, prompts = lat[keep], [p for p, k in zip(prompts, keep.tolist()) if k]
-    print(f"dit: {len(lat)} of {len(keep)} clips keep their objects in view", file=sys.stderr)
     view = (1, -1, 1, 1, 1)
     lat = (lat - mean.view(view)) / std.view(view)  # what the engine's latents are: x / std after - mean
     unique = sorted(set(prompts)) + [""]
@@ -353,6 +364,9 @@ def train_dit(args, work: Path, device: torch.device, vae, tok, enc):
             pick = torch.from_numpy(rng.integers(0, len(lat), size=args.dit_batch))
             start = rng.integers(0, LATENT_CLIP - WINDOW + 1, size=args.dit_batch)
             x0 = torch.stack([lat[i, :, s:s + WINDOW] for i, s in zip(pick.tolist(), start.tolist())])
+            # objects cover a few latent cells: weighted up, as in the VAE's loss, or the background wins
+            weight = 1.0 + OBJECT_WEIGHT * torch.stack(
+                [masks[i, s:s + WINDOW] for i, s in zip(pick.tolist(), start.tolist())])[:, None].float()
             text = states[ids[pick]]
             drop = torch.from_numpy(rng.random(args.dit_batch) < 0.1)
             text[drop] = states[index[""]]
@@ -361,9 +375,9 @@ def train_dit(args, work: Path, device: torch.device, vae, tok, enc):
             noise = torch.randn(x0.shape, generator=gen)
             s = sigma.view(-1, 1, 1, 1, 1)
             xt = (1 - s) * x0 + s * noise
-            x0, xt, noise, text = x0.to(device), xt.to(device), noise.to(device), text.to(device)
+            x0, xt, noise, text, weight = (v.to(device) for v in (x0, xt, noise, text, weight))
             pred = dit(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), (noise - x0).float())
+            loss = (weight * (pred.float() - (noise - x0).float()) ** 2).mean()
             st.update(loss)
             pb.update(1)
             pb.set_postfix(loss=f"{st.losses[-1][1]:.4f}")
@@ -442,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=SIZE, help="frame side of the training videos (a multiple of 16)")
     ap.add_argument("--vae-image-steps", type=int, default=3000)
     ap.add_argument("--vae-clip-steps", type=int, default=250)
-    ap.add_argument("--clips", type=int, default=320, help="encoded clips the transformer trains on")
-    ap.add_argument("--dit-steps", type=int, default=1200)
+    ap.add_argument("--clips", type=int, default=800, help="encoded clips the transformer trains on")
+    ap.add_argument("--dit-steps", type=int, default=3000)
     ap.add_argument("--dit-batch", type=int, default=16)
     ap.add_argument("--dit-lr", type=float, default=8e-4)
     ap.add_argument("--save-every", type=int, default=100)
