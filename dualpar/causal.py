@@ -85,12 +85,16 @@ class CausalStage:
         self.model = model
         self.caches: list[LayerCache] = []
         self._iteration = None
+        self._heads: tuple[tuple, list | None] | None = None  # (model folder, budget source) -> the table read
 
     def reset(self, cfg: Config, batch: int, height: int, width: int) -> None:
         """Fresh, empty caches for a new video (memory is allocated here, once)."""
         m, c = self.model.m, cfg.causal
         total = cfg.video.latent_frames
-        table = loader.head_importance(cfg)  # [layer][head] of the whole model, or None
+        key = (cfg.model.folder, c.head_budget)
+        if self._heads is None or self._heads[0] != key:  # read (and checked) once, not at every video
+            self._heads = (key, loader.head_importance(cfg))
+        table = self._heads[1]  # [layer][head] of the whole model, or None
 
         def policy(layer: int):
             weights = None if table is None else torch.tensor(table[layer])

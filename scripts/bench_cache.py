@@ -69,18 +69,35 @@ def skipped_flops(frames: int, interval: int, config: str = CONFIG) -> float:
     return sum(flops(t) for t in tasks if not t.full) / sum(flops(t) for t in tasks)
 
 
-def run_speed(frames: int, ranks: list[int], intervals: list[int], repeat: int, mem_frames: int, work: str) -> dict:
-    cases = [("none", "model", 1)] + [("taylor", lvl, i) for lvl in ("model", "stage") for i in intervals]
+def latents_of(out: str):
+    from safetensors.torch import load_file
+
+    man = json.load(open(os.path.join(out, "manifest.json")))
+    return [load_file(os.path.join(out, b["latents"]))["latents"] for b in man["blocks"]]
+
+
+def rel_l2(a, b) -> float:
+    return math.sqrt(sum(float(((x - y) ** 2).sum()) for x, y in zip(a, b))) / math.sqrt(
+        sum(float((y ** 2).sum()) for y in b))
+
+
+def run_speed(model_args: list[str], frames: int, ranks: list[int], cases: list[tuple], repeat: int,
+              work: str) -> list[dict]:
+    """Every case on every rank count, best loop of ``repeat`` (alternating), with the relative L2 of its
+    latents against the uncached run of the same seed (the same on any rank count)."""
     best: dict[tuple, dict] = {}
+    lat: dict[tuple, list] = {}
     for rep in range(repeat):
         for n in ranks:  # alternating, so a slow spell of this shared machine hits every case alike
             for policy, level, interval in cases:
-                s = bench_speedup.run_once(n, os.path.join(work, "speed"),
-                                           ["--config", CONFIG, "--frames", str(frames),
-                                            *cache_args(policy, level, interval)])
+                out = os.path.join(work, "run")
+                s = bench_speedup.run_once(n, out, [*model_args, "--frames", str(frames),
+                                                    *cache_args(policy, level, interval)])
                 key = (n, policy, level, interval)
                 print(f"  run {rep + 1}: {n} rank(s) {policy} {level} interval {interval}: loop {s['loop_s']:.2f} s",
                       flush=True)
+                if rep == 0 and n == ranks[0]:
+                    lat[(policy, level, interval)] = latents_of(out)
                 if key not in best or s["loop_s"] < best[key]["loop_s"]:
                     best[key] = s
     rows = []
@@ -88,33 +105,45 @@ def run_speed(frames: int, ranks: list[int], intervals: list[int], repeat: int, 
         base = best[(n, "none", "model", 1)]
         rows.append({"ranks": n, "policy": policy, "level": level if policy != "none" else "-", "interval": interval,
                      "loop_s": s["loop_s"], "speedup": base["loop_s"] / s["loop_s"],
-                     "flops_skipped": 0.0 if policy == "none" else skipped_flops(frames, interval),
+                     "rel_l2": rel_l2(lat[(policy, level, interval)], lat[("none", "model", 1)]),
                      "idle": [1 - r["busy_s"] / r["loop_s"] for r in s["ranks"]],
                      "cache_mb": [r["feature_cache_peak_mb"] for r in s["ranks"]],
                      "added_mb": [r["feature_cache_peak_mb"] - b["feature_cache_peak_mb"]
                                   for r, b in zip(s["ranks"], base["ranks"])]})
-    # memory at a second length: the caches must not grow with the video
+    return rows
+
+
+def speed_cases(intervals, levels=("model", "stage")) -> list[tuple]:
+    return [("none", "model", 1)] + [("taylor", lvl, i) for lvl in levels for i in intervals]
+
+
+def run_speed_section(frames, ranks, intervals, repeat, mem_frames, work) -> dict:
+    model_args = ["--config", CONFIG]
+    rows = run_speed(model_args, frames, ranks, speed_cases(intervals), repeat, work)
+    for r in rows:
+        r["flops_skipped"] = 0.0 if r["policy"] == "none" else skipped_flops(frames, r["interval"])
+    # memory at other lengths, on the most ranks: bounded by the queue (min(steps, blocks) blocks), so
+    # the same at every length whose queue fills, and never more
     n = max(ranks)
-    memory = []
-    for f in sorted({mem_frames, frames}):
-        if f == frames:
-            runs = {(p, lv): best[(n, p, lv, i)] for p, lv, i in cases if i in (1, intervals[0])}
-        else:
-            runs = {(p, lv): bench_speedup.run_once(n, os.path.join(work, "mem"), ["--config", CONFIG, "--frames", str(f),
-                                                                               *cache_args(p, lv, i)])
-                    for p, lv, i in cases if i in (1, intervals[0])}
-        base = runs[("none", "model")]
-        for (p, lv), s in runs.items():
-            memory.append({"frames": f, "ranks": n, "policy": p, "level": lv if p != "none" else "-",
-                           "interval": intervals[0] if p != "none" else 1,
-                           "cache_mb": [r["feature_cache_peak_mb"] for r in s["ranks"]],
-                           "added_mb": [r["feature_cache_peak_mb"] - b["feature_cache_peak_mb"]
-                                        for r, b in zip(s["ranks"], base["ranks"])]})
+    memory = [dict(r, frames=frames) for r in rows if r["ranks"] == n and r["interval"] in (1, intervals[0])]
+    for f in mem_frames:
+        memory += [dict(r, frames=f) for r in run_speed(model_args, f, [n], speed_cases(intervals[:1]), 1, work)]
+    memory.sort(key=lambda r: (r["frames"], r["level"]))
     return {"frames": frames, "config": os.path.relpath(CONFIG, ROOT), "repeat": repeat, "rows": rows,
             "memory": memory}
 
 
-def run_fidelity(preset: str, frames: int, size: int, intervals: list[int]) -> dict:
+def run_matched(presets, frames, size, steps, ranks, intervals, repeat, work) -> list[dict]:
+    """dualpar at the peer's settings (bench_cache_peer.py): taylor at level model, per preset."""
+    out = []
+    for preset in presets:
+        args = ["--preset", preset, "--height", str(size), "--width", str(size), "--steps", str(steps)]
+        rows = run_speed(args, frames, ranks, speed_cases(intervals, ("model",)), repeat, work)
+        out.append({"preset": preset, "frames": frames, "size": size, "steps": steps, "rows": rows})
+    return out
+
+
+def run_fidelity(preset: str, frames: int, size: int, intervals: list[int], policies=FIDELITY_POLICIES) -> dict:
     import torch
 
     from dualpar.comm import Comm
@@ -146,7 +175,7 @@ def run_fidelity(preset: str, frames: int, size: int, intervals: list[int]) -> d
 
     ref_lat, ref_vid, _, _ = run()
     ref_norm = math.sqrt(sum(float((b ** 2).sum()) for b in ref_lat))
-    cases = [dict(policy=p, order=o, level="model", interval=i) for p, o in FIDELITY_POLICIES for i in intervals]
+    cases = [dict(policy=p, order=o, level="model", interval=i) for p, o in policies for i in intervals]
     cases += [dict(policy="taylor", order=1, level="stage", interval=i) for i in intervals]
     cases += [dict(policy="taylor", order=1, level="model", interval=intervals[0], neighbour="drop")]
     rows = []
@@ -164,7 +193,7 @@ def run_fidelity(preset: str, frames: int, size: int, intervals: list[int]) -> d
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", type=int, default=1025, help="speed runs: frames (benchmarks' config)")
-    p.add_argument("--mem-frames", type=int, default=129, help="second length of the memory check")
+    p.add_argument("--mem-frames", type=int, nargs="+", default=[129, 513], help="other lengths of the memory check")
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 4])
     p.add_argument("--repeat", type=int, default=2)
@@ -172,20 +201,32 @@ def main(argv=None) -> int:
     p.add_argument("--fid-size", type=int, default=96)
     p.add_argument("--presets", nargs="+", default=["tiny", "tiny-random"])
     p.add_argument("--quick", action="store_true", help="tiny lengths, one repeat, one interval (a smoke run)")
-    p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--skip-fidelity", action="store_true")
+    p.add_argument("--matched-frames", type=int, default=65,
+                   help="runs at the peer's settings (scripts/bench_cache_peer.py): frames at 96x96, 10 steps")
+    p.add_argument("--skip", nargs="+", default=[], choices=("speed", "fidelity", "matched"))
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
-    if args.quick:
-        args.frames, args.mem_frames, args.repeat, args.intervals = 65, 33, 1, [2]
-        args.fid_frames, args.fid_size = 65, 32
+    size, steps = 96, 10
+    policies = FIDELITY_POLICIES
+    if args.quick:  # a smoke run of every part: short videos, one repeat, one interval, the random preset
+        args.frames, args.mem_frames, args.repeat, args.intervals = 33, [65], 1, [2]
+        args.fid_frames, args.fid_size, args.matched_frames, size, steps = 33, 32, 33, 32, 6
+        args.presets, policies, args.ranks = ["tiny-random"], (("taylor", 1),), [2]
+        matched_ranks = [1]
+    else:
+        matched_ranks = args.ranks
     out = {"intervals": args.intervals}
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as work:
-        if not args.skip_speed:
-            out["speed"] = run_speed(args.frames, args.ranks, args.intervals, args.repeat, args.mem_frames, work)
-            print(speed_table(out["speed"]), flush=True)
-        if not args.skip_fidelity:
-            out["fidelity"] = [run_fidelity(pr, args.fid_frames, args.fid_size, args.intervals) for pr in args.presets]
+        if "speed" not in args.skip:
+            out["speed"] = run_speed_section(args.frames, args.ranks, args.intervals, args.repeat, args.mem_frames,
+                                             work)
+            print(speed_table(out["speed"]) + "\n\n" + memory_table(out["speed"]), flush=True)
+        if "matched" not in args.skip:
+            out["matched"] = run_matched(args.presets, args.matched_frames, size, steps, matched_ranks, args.intervals,
+                                         args.repeat, work)
+        if "fidelity" not in args.skip:
+            out["fidelity"] = [run_fidelity(pr, args.fid_frames, args.fid_size, args.intervals, policies)
+                               for pr in args.presets]
             print(fidelity_table(out["fidelity"]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
@@ -194,13 +235,12 @@ def main(argv=None) -> int:
 
 
 def speed_table(data: dict) -> str:
-    lines = ["| ranks | policy | level | interval | loop s | speed-up | layer FLOPs skipped | idle per rank "
-             "| cache MB per rank (added) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| ranks | policy | level | interval | loop s | speed-up | layer FLOPs skipped | relative L2 "
+             "| idle per rank |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(data["rows"], key=lambda r: (r["ranks"], r["level"] != "-", r["level"], r["interval"])):
         idle = " / ".join(f"{x:.0%}" for x in r["idle"])
-        mem = " / ".join(f"{c:.2f} ({a:+.2f})" for c, a in zip(r["cache_mb"], r["added_mb"]))
         lines.append(f"| {r['ranks']} | {r['policy']} | {r['level']} | {r['interval']} | {r['loop_s']:.2f} | "
-                     f"{r['speedup']:.2f}x | {r['flops_skipped']:.0%} | {idle} | {mem} |")
+                     f"{r['speedup']:.2f}x | {r['flops_skipped']:.0%} | {r['rel_l2']:.4f} | {idle} |")
     return "\n".join(lines)
 
 

@@ -47,13 +47,16 @@ DUALPAR_HEADLINE = {"latency": 6.54, "memory": 1.48, "gpus": "8x RTX 4090"}
 SETTINGS = {
     "full": dict(sweep_frames=[65, 129, 257, 513, 1025], speedup_frames=None, repeat=2,
                  sim_calib=dict(frames=257, block=8, num_cat=4), sim_target=dict(frames=513, block=4, num_cat=2),
-                 causal_args=[], comm_args=[], quality_args=["--prompts", "1"]),  # else the scripts' defaults
+                 causal_args=[], comm_args=[], quality_args=["--prompts", "1"],  # else the scripts' defaults
+                 cache_args=[], peer_args=["--repeat", "4"]),
     # Smoke test of the whole pipeline: one short length, one repeat, a small simulator case; the causal
     # section on bench_causal.py's quick cases with one repeat and the staggered schedule only (2 launches).
     "quick": dict(sweep_frames=[33], speedup_frames=33, repeat=1,
                   sim_calib=dict(frames=65, block=8, num_cat=4), sim_target=dict(frames=33, block=4, num_cat=2),
                   causal_args=["--quick", "--schedules", "staggered"],
-                  comm_args=["--messages", "5", "--ranks", "2", "--delay", "0.02"], quality_args=["--quick"]),
+                  comm_args=["--messages", "5", "--ranks", "2", "--delay", "0.02"], quality_args=["--quick"],
+                  cache_args=["--quick"], peer_args=["--preset", "tiny-random", "--frames", "9", "--size", "32",
+                                                     "--steps", "6", "--repeat", "1"]),
 }
 
 
@@ -769,6 +772,81 @@ def render_quality(data: dict, ctx: Ctx) -> str:
     return "\n".join(head + table + notes)
 
 
+# -- timestep feature caching ---------------------------------------------------------------
+
+
+def run_cache(ctx: Ctx) -> dict:
+    out = os.path.join(ctx.work, "cache.json")
+    args = ctx.settings["cache_args"]
+    run_script("bench_cache.py", *args, "--json", out)
+    data = dict(read_json(out), command=command("bench_cache.py", *args))
+    try:
+        import cache_dit  # noqa: F401
+    except ImportError:
+        print("cache-dit is not installed: the peer rows are left out (pip install -e '.[bench]')", flush=True)
+    else:
+        peer = os.path.join(ctx.work, "cache_peer.json")
+        run_script("bench_cache_peer.py", *ctx.settings["peer_args"], "--json", peer)
+        data["peer"] = dict(read_json(peer), command=command("bench_cache_peer.py", *ctx.settings["peer_args"]))
+    data["projection"] = simulate.cache_projection()
+    return data
+
+
+def _nth(k: int) -> str:
+    return {1: "1st", 2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+
+
+def render_cache(data: dict, ctx: Ctx) -> str:
+    import bench_cache
+    from dualpar.schedule import full_steps
+
+    out = ["## Timestep feature caching", "",
+           f"`{data['command']}`: the denoising loop with `cache.policy=taylor` (order 1) at both levels against "
+           "the uncached run on as many ranks, measured side by side (decode off, one thread per rank, best of "
+           f"{data['speed']['repeat']}), {data['speed']['frames']} frames of `{data['speed']['config']}`; *relative "
+           "L2*: of the final latents against the uncached run's (the same on any rank count); *idle*: 1 - busy/loop "
+           "per rank.", "", bench_cache.speed_table(data["speed"]), "",
+           "Stage caches per rank (the neighbours' K/V and the forecast histories, peak MB from each run's "
+           "`stats.json`) at two lengths: what caching adds must not grow with the video.", "",
+           bench_cache.memory_table(data["speed"]), ""]
+    fid = data.get("fidelity") or []
+    if fid:
+        f0 = fid[0]
+        out += ["### Fidelity per policy", "",
+                f"One rank, {f0['frames']} frames at {f0['size']}x{f0['size']}, {f0['steps']} steps, each preset at "
+                "its own guidance; relative L2 of the final latents and PSNR of the decoded frames against the "
+                "uncached run of the same seed. *tiny* is the trained preset, *tiny-random* the random one.", "",
+                bench_cache.fidelity_table(fid), ""]
+    peer, matched = data.get("peer"), data.get("matched") or []
+    if peer:
+        out += ["### The peer: cache-dit on diffusers' WanPipeline", "",
+                f"`{peer['command']}` (cache-dit {peer['version']}): the one-pass `WanPipeline` on the same models "
+                "and settings, with DBCache (block 0 always computed, F1B0) forced to our plan's steps by a step mask, "
+                "or by its own residual threshold, alone and with its TaylorSeer calibrator; beside it dualpar "
+                "(`taylor`, level model) at the same frames, size and steps on 1 and 2 ranks.", "",
+                "| model | method | share of full steps | speed-up over its own uncached run | relative L2 vs its own "
+                "uncached run |", "|---|---|---|---|---|"]
+        for r in peer["rows"]:
+            if r["method"] == "uncached":
+                continue
+            knob = r["settings"].get("interval")
+            label = (f"{r['method']}, every {_nth(knob)} step" if knob else
+                     f"{r['method']}, threshold {r['settings'].get('residual_diff_threshold')}")
+            out.append(f"| {r['model']} | {label} | {r['computed_share']:.2f} | {r['speedup']:.2f}x | {r['rel_l2']:.4f} |")
+        for m in matched:
+            for r in m["rows"]:
+                if r["policy"] == "none":
+                    continue
+                share = sum(full_steps(m["steps"], 2, r["interval"], 1)) / m["steps"]  # the cache defaults' plan
+                out.append(f"| {m['preset']} | dualpar taylor (model level), {r['ranks']} rank(s), every "
+                           f"{_nth(r['interval'])} step | {share:.2f} | {r['speedup']:.2f}x | {r['rel_l2']:.4f} |")
+        out.append("")
+    proj = data.get("projection")
+    if proj:
+        out += ["### Projected on 8 GPUs", "", simulate.cache_markdown(proj), ""]
+    return "\n".join(out).rstrip()
+
+
 # -- ring messages and the GPU check ---------------------------------------------------------
 
 
@@ -856,6 +934,7 @@ SECTIONS = [
     Section("comm", run_comm, render_comm),
     Section("reject", run_reject, render_reject),
     Section("quality", run_quality, render_quality),
+    Section("cache", run_cache, render_cache),
     Section("gpu", None, render_gpu),
 ]
 

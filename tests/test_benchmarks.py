@@ -1,7 +1,7 @@
 """The benchmark scripts on small cases, all from ONE ``scripts/benchmarks.py --quick`` run.
 
 Every benchmark script (bench.py, bench_speedup.py, simulate.py, bench_causal.py,
-bench_comm.py, bench_reject.py, quality.py) runs inside that one run, exactly as a full regeneration of
+bench_comm.py, bench_reject.py, quality.py, bench_cache.py, bench_cache_peer.py) runs inside that one run, exactly as a full regeneration of
 BENCHMARKS.md runs them, and stores its figures in results.json; the tests
 below check each script's figures there, then the markdown and plots made
 from them. No timing assertions: only well-formed output and the exact
@@ -163,6 +163,32 @@ def test_quality_suite(quick):
     assert "## Quality: the trained tiny preset" in quick["md"] and "| causal, focused 24 |" in quick["md"]
 
 
+def test_feature_caching_section(quick):
+    """bench_cache.py --quick (and the cache-dit peer when installed): the speed-ups are ratios of the
+    measured loops, the uncached run is its own reference, the caches are what the runs' stats say."""
+    data = quick["results"]["cache"]
+    rows = {(r["ranks"], r["level"]): r for r in data["speed"]["rows"]}
+    assert set(rows) == {(2, "-"), (2, "model"), (2, "stage")}
+    base = rows[(2, "-")]
+    assert base["rel_l2"] == 0.0 and base["speedup"] == 1.0 and base["flops_skipped"] == 0.0
+    for level in ("model", "stage"):
+        r = rows[(2, level)]
+        assert abs(r["speedup"] - base["loop_s"] / r["loop_s"]) < 1e-9 and r["rel_l2"] > 0
+        assert 0 < r["flops_skipped"] < 1 and len(r["idle"]) == len(r["cache_mb"]) == 2
+        assert f"| 2 | taylor | {level} | 2 | {r['loop_s']:.2f} | {r['speedup']:.2f}x |" in quick["md"]
+    assert sorted({m["frames"] for m in data["speed"]["memory"]}) == [33, 65]
+    stage = [m for m in data["speed"]["memory"] if m["level"] == "stage"]
+    assert all(a > 0 for m in stage for a in m["added_mb"])  # every rank holds its residual history
+    fid = data["fidelity"][0]
+    assert fid["preset"] == "tiny-random" and all(r["rel_l2"] > 0 and r["psnr_db"] > 0 for r in fid["rows"])
+    assert "## Timestep feature caching" in quick["md"] and "### Projected on 8 GPUs" in quick["md"]
+    proj = data["projection"]["rows"]
+    assert all(r["speedup"] > 1 for r in proj if r["level"] != "none")  # skipped tasks shorten the schedule
+    if "peer" in data:
+        assert any(r["method"] == "uncached" and r["rel_l2"] == 0 for r in data["peer"]["rows"])
+        assert "### The peer: cache-dit on diffusers' WanPipeline" in quick["md"]
+
+
 def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
     md, plots, results = quick["md"], quick["plots"], quick["results"]
     assert md.startswith("# Benchmarks") and "python scripts/benchmarks.py" in md
@@ -178,7 +204,8 @@ def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         assert f"](docs/benchmarks/{name})" in md
-    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "comm", "reject", "quality"} <= set(results)
+    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "comm", "reject", "quality",
+            "cache"} <= set(results)
     causal = md[md.index("## Causal mode"):]
     rows = [ln for ln in causal.splitlines() if ln.startswith("| ")]
     for name in ("full", *BOUNDED):

@@ -25,7 +25,7 @@ SIZE = {"video.frames": 89, "video.height": 32, "video.width": 48, "parallel.blo
 def config(preset="tiny", **cache) -> Config:
     cfg = Config()
     cfg.model.preset = preset
-    apply_model_defaults(cfg)  # the trained preset: guidance 1; the random one: Wan's 5 (two CFG rows)
+    apply_model_defaults(cfg)  # the trained preset: guidance 2; the random one: Wan's 5 (both: two CFG rows)
     for k, v in {**SIZE, **{f"cache.{k}": v for k, v in cache.items()}}.items():
         cfg.set(k, v)
     cfg.validate()

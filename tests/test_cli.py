@@ -146,7 +146,7 @@ def test_a_rank_whose_peers_never_start_stops_in_join_timeout(tmp_path):
 
 
 def test_a_model_folders_own_defaults_sit_under_what_the_user_gives(tmp_path):
-    """dualpar_defaults.json of a model folder (the trained preset's: guidance 1, no negative prompt)
+    """dualpar_defaults.json of a model folder (the trained preset's: guidance 2, no negative prompt)
     replaces the built-in defaults, never a value from the command line or the config file."""
     import shutil
 
@@ -156,7 +156,7 @@ def test_a_model_folders_own_defaults_sit_under_what_the_user_gives(tmp_path):
     def cfg(*argv):
         return config_from_args(build_parser().parse_args(list(argv)))
 
-    assert (cfg().sampling.guidance, cfg().sampling.negative_prompt) == (1.0, "")  # the trained preset
+    assert (cfg().sampling.guidance, cfg().sampling.negative_prompt) == (2.0, "")  # the trained preset
     assert cfg("--guidance", "5").sampling.guidance == 5.0
     conf = tmp_path / "c.yaml"
     conf.write_text("sampling:\n  negative_prompt: blurry\n")
