@@ -225,5 +225,10 @@ def test_memory_table_is_printed(root):
     lines = res.stdout.splitlines()
     header = next(ln for ln in lines if ln.startswith("| model | ranks |"))
     assert all(c in header for c in ("| weights |", "| cache |", "| activations |", "| total |", "| fits |"))
-    rows = [ln for ln in lines if ln.startswith("| Wan2.1-")]
+    start = lines.index(header)
+    table = lines[start:start + next(i for i, ln in enumerate(lines[start:]) if not ln.startswith("|"))]
+    rows = [ln for ln in table if ln.startswith("| Wan2.1-")]
     assert len(rows) == 4 and all(len(r.split("|")) == len(header.split("|")) for r in rows)
+    # and the projection with feature caching: both models, none and both levels at intervals 2-4
+    cache = [ln for ln in lines[start + len(table):] if ln.startswith("| Wan2.1-")]
+    assert len(cache) == 2 * 7 and all(" none | 1 | 100% |" in ln for ln in cache[::7])
