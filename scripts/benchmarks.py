@@ -807,7 +807,7 @@ def render_cache(data: dict, ctx: Ctx) -> str:
            "L2*: of the final latents against the uncached run's (the same on any rank count); *idle*: 1 - busy/loop "
            "per rank.", "", bench_cache.speed_table(data["speed"]), "",
            "Stage caches per rank (the neighbours' K/V and the forecast histories, peak MB from each run's "
-           "`stats.json`) at two lengths: what caching adds must not grow with the video.", "",
+           "`stats.json`) at several lengths: bounded by the queue (at most `steps` blocks), so the same at every length whose blocks fill it, and less at a length that does not.", "",
            bench_cache.memory_table(data["speed"]), ""]
     fid = data.get("fidelity") or []
     if fid:
