@@ -47,9 +47,9 @@ def chunk_noise(seed: int, chunk: int, step: int, shape: tuple[int, ...]) -> tor
 class CausalPlan(Geometry):
     """The causal run's geometry and task list (its blocks are the chunks)."""
 
-    def __init__(self, cfg: Config, world: int, num_layers: int):
+    def __init__(self, cfg: Config, world: int, num_layers: int, counts: list[int] | None = None):
         c = cfg.causal
-        super().__init__(cfg, world, num_layers, c.chunk)
+        super().__init__(cfg, world, num_layers, c.chunk, counts)
         self.steps = len(c.timestep_list())
         self.tasks = sch.make_causal_tasks(len(self.blocks), self.steps, staggered=c.schedule == "staggered")
         self.num_iterations = self.tasks[-1].iteration + 1
@@ -73,6 +73,9 @@ class CausalPlan(Geometry):
     def packet_shape(self, task: sch.CausalTask, dim: int, tokens_per_frame: int) -> tuple[int, ...]:
         f = self.blocks[task.chunk].frames
         return (self.batch, f * tokens_per_frame + MOD_ROWS * f, dim)
+
+    def finished_by(self, task: sch.CausalTask) -> int | None:
+        return task.chunk if not task.commit and task.step == self.steps - 1 else None
 
     def block_of(self, task: sch.CausalTask) -> int:
         return task.chunk
@@ -176,14 +179,25 @@ class CausalState:
 class CausalEngine:
     """One rank of a causal run. Build once (weights stay loaded), then :meth:`generate`."""
 
-    def __init__(self, cfg: Config, comm: Comm, trace: Trace | None = None):
+    def __init__(self, cfg: Config, comm: Comm, trace: Trace | None = None, counts: list[int] | None = None):
         self.cfg, self.comm = cfg, comm
         self.trace = trace or Trace(comm.rank, enabled=False)
-        self.plan = CausalPlan(cfg, comm.world, loader.num_layers(cfg))
-        first, last = self.plan.layers[comm.rank]
-        self.stage = CausalStage(CausalWan(loader.load_slice(cfg, first, last, comm.device), rope=cfg.causal.rope))
+        self.plan = CausalPlan(cfg, comm.ring, loader.num_layers(cfg), counts)
+        self.stage = self._load_stage()
         self.prompts = loader.PromptCache(cfg, comm.device) if comm.is_first else None
-        self.in_flight = 2 * comm.world
+        self.in_flight = 2 * comm.ring
+
+    def _load_stage(self) -> "CausalStage":
+        first, last = self.plan.layers[self.comm.rank]
+        return CausalStage(CausalWan(loader.load_slice(self.cfg, first, last, self.comm.device), rope=self.cfg.causal.rope))
+
+    def resplit(self, counts: list[int]) -> None:
+        """Take another layer split (every rank, between videos): reload this rank's slice if it changed."""
+        old = self.plan.layers[self.comm.rank]
+        self.plan.set_split(counts)
+        if self.plan.layers[self.comm.rank] != old:
+            self.stage = None
+            self.stage = self._load_stage()
 
     @property
     def model(self):
@@ -205,7 +219,7 @@ class CausalEngine:
 
     @torch.no_grad()
     def generate(self, writer=None, progress=None, keep_latents: bool = False, *, state=None, checkpoint=None,
-                 checkpoint_every: int = 0, should_stop=None) -> RunStats:
+                 checkpoint_every: int = 0, should_stop=None, between=None) -> RunStats:
         """Run every pass; rank 0 hands each chunk to ``writer`` once clean.
 
         ``should_stop()`` turning true stops the run at the next iteration
@@ -214,20 +228,23 @@ class CausalEngine:
         self.stage.reset(self.cfg, self.plan.batch, self.plan.lat_h, self.plan.lat_w)
         if self.comm.is_first:
             return self._run_first(writer, progress, keep_latents, should_stop)
-        return self._run_other()
+        return self._run_other(between)
 
-    def _run_other(self) -> RunStats:
+    def _run_other(self, between=None) -> RunStats:
         plan, cw = self.plan, self.stage.model
 
-        def compute(task, packet, out):
+        def compute(task, packet, out, watch):
             shape = plan.shape(task)
             cw.release_prompts_before(plan.oldest_prompt(task))
             if self.comm.is_last:
-                return cw.head(self.stage.run(packet, task, shape), shape, self.cfg.sampling.guidance, out=out)
-            return self.stage.run(packet, task, shape, out=out)
+                with watch.measure("layers"):
+                    h = self.stage.run(packet, task, shape)
+                return cw.head(h, shape, self.cfg.sampling.guidance, out=out)
+            with watch.measure("layers"):
+                return self.stage.run(packet, task, shape, out=out)
 
         st = relay(self.comm, self.trace, plan.tasks, self.packet_shape, self.packet_dtype(), compute, self.name,
-                   self.pred_shape)
+                   self.pred_shape, between=between)
         st.cache_bytes = self.stage.cache_bytes()
         return st
 

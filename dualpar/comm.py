@@ -39,6 +39,9 @@ import torch.distributed as dist
 KIND_PACKET = 1  # hidden states travelling forward along the layer pipeline
 KIND_PRED = 2  # noise prediction travelling back from the last rank to rank 0
 KIND_STOP = 4  # rank 0 stopped the run at an iteration boundary: stop before this task
+KIND_BLOCK = 5  # a finished block's clean latents, rank 0 -> the output rank (output.decode_on last/extra)
+KIND_CHECKPOINT = 6  # rank 0 -> the output rank, in a block's place: a checkpoint's state follows
+KIND_STATE = 7  # a checkpoint's engine state (its length, then its bytes), on a group of its own
 TAG_BYTES = 16  # int64 task index, int64 check word
 _CHECK = 0x5DA1_7A6E_0000_0000  # check word = _CHECK + kind * 2**24 + (task mod 2**24)
 SEND_SLOTS = 3
@@ -133,8 +136,12 @@ class Comm:
     """This rank's view of the process group (a 1-rank Comm needs no process group)."""
 
     def __init__(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu", timeout_s: float = 120.0,
-                 patient_timeout_s: float = 1800.0):
+                 patient_timeout_s: float = 1800.0, decode_on: str = "first"):
         self.rank, self.world = rank, world
+        self.ring = world - 1 if decode_on == "extra" and world > 1 else world
+        """Ranks on the layer pipeline: the world, or all but its last rank when that one only decodes."""
+        self.output_rank = {"first": 0, "last": self.ring - 1, "extra": self.ring}[decode_on] if world > 1 else 0
+        """The rank that decodes and writes the run's output (``output.decode_on``)."""
         self.device = torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
         """Longest wait for any one message while generating; past it the peer counts as failed."""
@@ -149,7 +156,12 @@ class Comm:
         # Predictions (last rank -> rank 0) get their own group: with NCCL each group
         # pair has one stream, and with 2 ranks both ring directions would share it
         # and block each other.
-        self._pred_group = dist.new_group([0, world - 1]) if grouped else None
+        self._pred_group = dist.new_group([0, self.ring - 1]) if grouped and self.ring > 1 else None
+        # Finished blocks (and checkpoint markers) towards the output rank, and checkpoint states, each on
+        # a group of their own: their messages never queue behind (or in front of) the ring's.
+        remote = grouped and self.output_rank != 0
+        self._out_group = dist.new_group([0, self.output_rank]) if remote else None
+        self._state_group = dist.new_group([0, self.output_rank]) if remote else None
         self._links: dict[tuple[int, int], _Link] = {}
         self.bytes_sent = 0
         self.messages_sent = 0
@@ -168,7 +180,8 @@ class Comm:
 
     @classmethod
     def from_env(cls, device: str | None = None, timeout_s: float = 120.0, startup_timeout_s: float = 1800.0,
-                 backend: str = "auto", warm_up: bool = True, join_timeout_s: float = 300.0) -> "Comm":
+                 backend: str = "auto", warm_up: bool = True, join_timeout_s: float = 300.0,
+                 decode_on: str = "first") -> "Comm":
         """Join the process group described by torchrun's environment (or run alone).
 
         Collectives at start-up (rank 0 loading and running the text encoder while
@@ -190,7 +203,7 @@ class Comm:
             store.set_timeout(timedelta(seconds=startup_timeout_s))
             dist.init_process_group(name, store=store, rank=rank, world_size=world,
                                     timeout=timedelta(seconds=startup_timeout_s))
-        comm = cls(rank, world, dev, timeout_s, startup_timeout_s)
+        comm = cls(rank, world, dev, timeout_s, startup_timeout_s, decode_on)
         if warm_up:
             comm.warm_up()
         return comm
@@ -202,11 +215,11 @@ class Comm:
 
     @property
     def prev(self) -> int:
-        return (self.rank - 1) % self.world
+        return (self.rank - 1) % self.ring
 
     @property
     def next(self) -> int:
-        return (self.rank + 1) % self.world
+        return (self.rank + 1) % self.ring
 
     @property
     def is_first(self) -> bool:
@@ -214,17 +227,32 @@ class Comm:
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.world - 1
+        """The last rank of the layer pipeline (it runs the head)."""
+        return self.rank == self.ring - 1
+
+    @property
+    def on_ring(self) -> bool:
+        return self.rank < self.ring
+
+    @property
+    def is_output(self) -> bool:
+        """This rank decodes and writes the run's output."""
+        return self.rank == self.output_rank
 
     def group_for(self, kind: int):
-        return self._pred_group if kind == KIND_PRED else None
+        if kind == KIND_PRED:
+            return self._pred_group
+        if kind in (KIND_BLOCK, KIND_CHECKPOINT):
+            return self._out_group
+        return self._state_group if kind == KIND_STATE else None
 
     # -- op log (for the start-up order test) -----------------------------------
 
     def _log(self, op: str, peer: int | None = None, kind: int = 0, task: int = -1, ref: int | None = None) -> int:
         self._ops += 1
         if self.oplog is not None:
-            group = "coll" if peer is None else ("pred" if kind == KIND_PRED else "data")
+            group = "coll" if peer is None else {KIND_PRED: "pred", KIND_BLOCK: "out", KIND_CHECKPOINT: "out",
+                                                 KIND_STATE: "state"}.get(kind, "data")
             self.oplog.append({"id": self._ops, "op": op, "peer": peer, "group": group, "task": task, "ref": ref})
         return self._ops
 
@@ -247,23 +275,30 @@ class Comm:
         if self.world == 1:
             return
         t = torch.zeros(1, dtype=torch.int64, device=self.wire)
-        if not self.is_first:
-            self._blocking("recv", t, self.prev, KIND_PACKET)
-        if not self.is_last:
-            self._blocking("send", t, self.next, KIND_PACKET)
-        if self.is_last:
-            self._blocking("send", t, 0, KIND_PRED)
-        if self.is_first:
-            self._blocking("recv", t, self.world - 1, KIND_PRED)
+        if self.on_ring and self.ring > 1:
+            if not self.is_first:
+                self._blocking("recv", t, self.prev, KIND_PACKET)
+            if not self.is_last:
+                self._blocking("send", t, self.next, KIND_PACKET)
+            if self.is_last:
+                self._blocking("send", t, 0, KIND_PRED)
+            if self.is_first:
+                self._blocking("recv", t, self.ring - 1, KIND_PRED)
+        if self.output_rank != 0:  # then rank 0 -> the output rank, on both of its groups
+            for kind in (KIND_BLOCK, KIND_STATE):
+                if self.is_first:
+                    self._blocking("send", t, self.output_rank, kind)
+                elif self.is_output:
+                    self._blocking("recv", t, 0, kind)
 
-    def _blocking(self, op: str, t: torch.Tensor, peer: int, kind: int) -> None:
+    def _blocking(self, op: str, t: torch.Tensor, peer: int, kind: int, what: str = "start-up") -> None:
         fn = dist.isend if op == "send" else dist.irecv
         oid = self._log(op, peer, kind, -1)
         try:
             work = fn(t, peer, group=self.group_for(kind))
         except Exception as e:
-            raise self.peer_error(peer, f"start-up {op}", e) from None
-        self.wait(work, peer, f"start-up {op}", patient=True, ref=oid)
+            raise self.peer_error(peer, f"{what} {op}", e) from None
+        self.wait(work, peer, f"{what} {op}", patient=True, ref=oid)
 
     # -- point to point ----------------------------------------------------
 
@@ -578,3 +613,108 @@ class Inbox:
             payload = payload.to(comm.device)
         self._fill()
         return payload
+
+
+class OutputSender:
+    """Rank 0's end of the output channel (``output.decode_on`` last or extra): each finished block's
+    clean latents, in order, to the output rank; in a block's place, a checkpoint marker (the
+    engine's state follows on the state group) or a stop marker.
+
+    Markers are sized like the block the output rank expects next and tagged with its index, so the
+    receive posted for that block takes them, as the ring's stop message does."""
+
+    def __init__(self, comm: Comm, shapes: list[tuple[int, ...]]):
+        self.comm, self.shapes, self.dst = comm, shapes, comm.output_rank
+        comm.reserve(self.dst, KIND_BLOCK, shapes, torch.float32)
+        self._pending: list = []  # state sends in flight: (work, tensor)
+
+    def block(self, b: int, latents: torch.Tensor) -> None:
+        self.comm.send(latents.to(torch.float32).contiguous(), self.dst, KIND_BLOCK, b)
+
+    def checkpoint(self, next_block: int, data: bytes) -> None:
+        """A checkpoint before block ``next_block``: the marker, then ``data`` (the engine's state)."""
+        comm = self.comm
+        comm._acquire(self.dst, KIND_BLOCK, message_bytes(self.shapes[next_block], torch.float32))
+        comm._send_tagged(payload_bytes(self.shapes[next_block], torch.float32), self.dst, KIND_BLOCK, next_block,
+                          KIND_CHECKPOINT)
+        size = torch.tensor([len(data)], dtype=torch.int64, device=comm.wire)
+        body = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(comm.wire)
+        for t in (size, body):  # not waited for here: the output rank takes them between its own tasks
+            oid = comm._log("send", self.dst, KIND_STATE, next_block)
+            try:
+                work = dist.isend(t, self.dst, group=comm._state_group)
+            except Exception as e:
+                raise comm.peer_error(self.dst, "checkpoint send", e) from None
+            self._pending.append((work, t, oid))
+            comm.bytes_sent += t.numel() * t.element_size()
+            comm.messages_sent += 1
+
+    def stop(self, next_block: int, signum: int) -> None:
+        """The run stops before block ``next_block`` (``signum``: the signal that stopped it)."""
+        comm = self.comm
+        link = comm._acquire(self.dst, KIND_BLOCK, message_bytes(self.shapes[next_block], torch.float32))
+        link.bufs[link.next][:8].view(torch.float64).fill_(float(signum))
+        comm._send_tagged(payload_bytes(self.shapes[next_block], torch.float32), self.dst, KIND_BLOCK, next_block,
+                          KIND_STOP)
+
+    def flush(self) -> None:
+        for work, _, oid in self._pending:
+            self.comm.wait(work, self.dst, "checkpoint send", patient=True, ref=oid)
+        self._pending.clear()
+
+
+class OutputReceiver:
+    """The output rank's end of the output channel: :meth:`next` gives ``("block", b, latents)``,
+    ``("checkpoint", b, state bytes)`` or ``("stop", b, signal number)``, for the blocks ``shapes``
+    lists, in order. (It waits: gloo cannot tell whether a receive is complete without waiting for
+    it, so the output rank on the ring waits only for messages it knows were sent.)"""
+
+    def __init__(self, comm: Comm, shapes: list[tuple[int, ...]], first: int = 0):
+        self.comm, self.shapes, self.src = comm, shapes, 0
+        self.expected = first
+        """The block expected next."""
+        nbytes = max(message_bytes(s, torch.float32) for s in shapes)
+        self._buf = torch.empty(nbytes, dtype=torch.uint8, device=comm.wire)
+        self._work = None
+        self._post()
+
+    def done(self) -> bool:
+        return self.expected >= len(self.shapes)
+
+    def _post(self) -> None:
+        if self.done() or self._work is not None:
+            return
+        shape = self.shapes[self.expected]
+        self._oid = self.comm._log("recv", self.src, KIND_BLOCK, self.expected)
+        try:
+            self._work = dist.irecv(self._buf[: message_bytes(shape, torch.float32)], self.src,
+                                    group=self.comm._out_group)
+        except Exception as e:
+            raise self.comm.peer_error(self.src, f"receive for block {self.expected}", e) from None
+
+    def next(self):
+        comm, b = self.comm, self.expected
+        if self._work is None:
+            raise CommError(f"rank {comm.rank}: no further block expected from rank 0")
+        comm.wait(self._work, self.src, f"waiting for block {b}", patient=True, ref=self._oid)
+        self._work = None
+        shape = self.shapes[b]
+        n = payload_bytes(shape, torch.float32)
+        got_task, got_check = self._buf[_padded(n): _padded(n) + TAG_BYTES].view(torch.int64).tolist()
+        if got_task != b:
+            raise CommError(f"rank {comm.rank}: expected block {b} from rank 0, got a message tagged {got_task}")
+        if got_check == _check_word(KIND_STOP, b):
+            return "stop", b, int(self._buf[:8].view(torch.float64).item())
+        if got_check == _check_word(KIND_CHECKPOINT, b):
+            size = torch.zeros(1, dtype=torch.int64, device=comm.wire)
+            comm._blocking("recv", size, self.src, KIND_STATE, "checkpoint")
+            body = torch.empty(int(size.item()), dtype=torch.uint8, device=comm.wire)
+            comm._blocking("recv", body, self.src, KIND_STATE, "checkpoint")
+            self._post()
+            return "checkpoint", b, body.cpu().numpy().tobytes()
+        if got_check != _check_word(KIND_BLOCK, b):
+            raise CommError(f"rank {comm.rank}: block {b} from rank 0 has check word {got_check:#x}")
+        latents = self._buf[:n].view(torch.float32).view(shape).to(comm.device, copy=True)
+        self.expected += 1
+        self._post()
+        return "block", b, latents

@@ -46,13 +46,15 @@ CachePolicy = Literal["none", "reuse", "taylor", "newton"]
 CacheLevel = Literal["model", "stage"]
 """What is forecast: the whole noise prediction on rank 0, or each rank's own stage residual."""
 NeighbourKV = Literal["reuse", "drop"]
+DecodeOn = Literal["first", "last", "extra"]
 """What an older block attends to when its newer neighbour's step was forecast (no fresh K/V)."""
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
 VAE_SPATIAL = 8
 
 # Keys that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_CHANGES = ("output.out", "output.progress", "output.queue_blocks", "output.checkpoint_every",
-                     "parallel.timeout_s", "parallel.join_timeout_s", "parallel.split")
+                     "parallel.timeout_s", "parallel.join_timeout_s", "parallel.split", "parallel.profile",
+                     "output.decode_on")
 
 
 MAX_FRAMES = 4 * 65536 + 1
@@ -226,8 +228,13 @@ class ParallelConfig:
     """Longest wait at start-up for every rank to join (a rank never started, a wrong MASTER_ADDR)."""
     split: str = "even"
     """Layers per rank: ``even`` (sizes differ by at most one, the spare layers to the middle ranks),
-    or one count per rank, comma-separated (``2,3,3``: 8 layers on 3 ranks), e.g. to lighten rank 0,
-    which also embeds, steps the scheduler and decodes."""
+    one count per rank, comma-separated (``2,3,3``: 8 layers on 3 ranks), or ``auto``: the split whose
+    slowest stage is fastest under the cost profile measured on this setup (rank 0 embeds and steps
+    the scheduler, the last rank runs the head, one rank decodes), re-chosen after every video of a
+    batch from that video's timings (``even`` until a first video has been measured)."""
+    profile: str = ""
+    """Where ``split=auto`` keeps its measured cost profiles (one JSON file, by setup); empty:
+    ``$DUALPAR_CACHE_DIR/profiles.json``, by default ``~/.cache/dualpar/profiles.json``."""
     backend: Backend = "auto"
     """Process-group backend: ``auto`` (NCCL on GPUs, gloo on CPUs), ``nccl``, or ``gloo`` (on GPUs it
     stages tensors through pinned host memory, so several ranks can share one GPU: for checks)."""
@@ -246,12 +253,12 @@ class ParallelConfig:
         self.layer_counts()
 
     def layer_counts(self) -> list[int] | None:
-        """The split's layer count per rank (None: ``even``); ConfigError for a malformed split."""
-        if self.split == "even":
+        """The split's layer count per rank (None: ``even`` or ``auto``); ConfigError for a malformed split."""
+        if self.split in ("even", "auto"):
             return None
         parts = str(self.split).split(",")
         if not all(_FRAME.fullmatch(p.strip()) and int(p) >= 1 for p in parts):
-            raise ConfigError(f"parallel.split must be 'even' or a layer count >= 1 per rank, comma-separated "
+            raise ConfigError(f"parallel.split must be 'even', 'auto' or a layer count >= 1 per rank, comma-separated "
                               f"(e.g. 2,3,3), got {self.split!r}")
         return [int(p) for p in parts]
 
@@ -388,6 +395,11 @@ class OutputConfig:
     """Iterations between checkpoints of the engine state (for --resume); 0 turns them off."""
     queue_blocks: int = 8
     """Finished blocks that may wait for decoding before denoising pauses (bounds memory)."""
+    decode_on: DecodeOn = "first"
+    """Which rank decodes and writes the output: ``first`` (rank 0, which also embeds and steps the
+    scheduler), ``last`` (the last rank, fed each finished block's latents), or ``extra``: one more
+    rank than the layers run on (the last rank of the world) that only decodes and writes, taking
+    the VAE off the ranks that denoise."""
 
     def validate(self) -> None:
         """Raise ConfigError for the first problem of this section on its own."""
@@ -395,6 +407,7 @@ class OutputConfig:
             raise ConfigError(f"output.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if not 1 <= self.queue_blocks <= 1024:
             raise ConfigError(f"output.queue_blocks must be in [1, 1024], got {self.queue_blocks}")
+        _check_choices(self)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -416,6 +429,10 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def ring_size(self, world_size: int) -> int:
+        """Ranks that run layers: all of them, or all but the last with ``output.decode_on=extra``."""
+        return world_size - 1 if self.output.decode_on == "extra" and world_size > 1 else world_size
 
     def resumable(self) -> bool:
         """Whether a run of this config takes checkpoints and can be resumed: not in causal mode, and with
@@ -496,13 +513,25 @@ class Config:
                               "uses torch SDPA (model.attention=native)")
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
-        if num_layers is not None and world_size > num_layers:
+        self.output.validate()
+        ring = self.ring_size(world_size)
+        if self.output.decode_on == "extra" and world_size < 2:
+            raise ConfigError("output.decode_on=extra needs one rank more than the layers run on: at least 2 ranks "
+                              "(--nproc 2: one denoises, one decodes)")
+        if self.output.decode_on == "extra" and not self.output.decode:
+            raise ConfigError("output.decode_on=extra gives a rank only decoding to do, but decoding is off "
+                              "(--no-decode); drop one of them")
+        if num_layers is not None and ring > num_layers:
+            extra = " (plus the decoding rank)" if ring != world_size else ""
             raise ConfigError(
-                f"{world_size} ranks but the model has only {num_layers} DiT layers; use at most {num_layers} ranks"
+                f"{ring} ranks{extra} but the model has only {num_layers} DiT layers; use at most {num_layers} ranks"
+                + extra
             )
         counts = p.layer_counts()
-        if counts is not None and len(counts) != world_size:
-            raise ConfigError(f"parallel.split gives {len(counts)} layer counts for {world_size} rank(s)")
+        if counts is not None and len(counts) != ring:
+            what = f"{ring} denoising rank(s) (the last of {world_size} only decodes)" if ring != world_size \
+                else f"{world_size} rank(s)"
+            raise ConfigError(f"parallel.split gives {len(counts)} layer counts for {what}")
         if counts is not None and num_layers is not None and sum(counts) != num_layers:
             raise ConfigError(f"parallel.split {p.split} adds up to {sum(counts)} layers; the model has {num_layers}")
         prompt_schedule(s.prompt, v.frames, causal=s.mode == "causal")
@@ -512,7 +541,6 @@ class Config:
         if self.cache.policy != "none" and s.mode == "causal":
             raise ConfigError("cache.policy applies to the bidirectional mode (causal mode's few steps leave "
                               "little to forecast); set cache.policy=none")
-        self.output.validate()
 
 
 _SCHEDULE_BAR = re.compile(r"(?<!\\)\|")

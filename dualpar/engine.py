@@ -34,8 +34,8 @@ from .trace import Trace
 class Plan(Geometry):
     """The block-wise run's geometry and task list."""
 
-    def __init__(self, cfg: Config, world: int, num_layers: int):
-        super().__init__(cfg, world, num_layers, cfg.parallel.block)
+    def __init__(self, cfg: Config, world: int, num_layers: int, counts: list[int] | None = None):
+        super().__init__(cfg, world, num_layers, cfg.parallel.block, counts)
         self.full = cfg.cache.full_steps(cfg.sampling.steps)
         """Per denoising step: computed (True) or forecast."""
         self.tasks = sch.make_tasks(len(self.blocks), cfg.sampling.steps, self.full)
@@ -65,20 +65,34 @@ class Plan(Geometry):
 class Engine:
     """One rank of a run. Build once (weights stay loaded), then :meth:`generate`."""
 
-    def __init__(self, cfg: Config, comm: Comm, trace: Trace | None = None):
+    def __init__(self, cfg: Config, comm: Comm, trace: Trace | None = None, counts: list[int] | None = None):
         self.cfg, self.comm = cfg, comm
         self.trace = trace or Trace(comm.rank, enabled=False)
-        self.plan = Plan(cfg, comm.world, loader.num_layers(cfg))
-        first, last = self.plan.layers[comm.rank]
-        stage_forecast = None if all(self.plan.full) or cfg.cache.level != "stage" else Forecaster.for_config(cfg.cache)
-        self.stage = Stage(loader.load_slice(cfg, first, last, comm.device), full=self.plan.full,
-                           sigmas=self.plan.sigmas, forecast=stage_forecast)
+        self.plan = Plan(cfg, comm.ring, loader.num_layers(cfg), counts)
+        self.stage = self._load_stage()
         self.prompts = loader.PromptCache(cfg, comm.device) if comm.is_first else None
         # Tasks rank 0 may have in flight around the ring: enough to keep every stage
         # busy (each link holds up to comm.SEND_SLOTS sends and two receives posted ahead).
-        self.in_flight = 2 * comm.world
+        self.in_flight = 2 * comm.ring
         if cfg.model.compile != "off":
             self.precompile(cfg.model.compile)
+
+    def _load_stage(self) -> Stage:
+        cfg, plan = self.cfg, self.plan
+        first, last = plan.layers[self.comm.rank]
+        stage_forecast = None if all(plan.full) or cfg.cache.level != "stage" else Forecaster.for_config(cfg.cache)
+        return Stage(loader.load_slice(cfg, first, last, self.comm.device), full=plan.full, sigmas=plan.sigmas,
+                     forecast=stage_forecast)
+
+    def resplit(self, counts: list[int]) -> None:
+        """Take another layer split (every rank, between videos): reload this rank's slice if it changed."""
+        old = self.plan.layers[self.comm.rank]
+        self.plan.set_split(counts)
+        if self.plan.layers[self.comm.rank] != old:  # the next video's set_prompt gives it the text
+            self.stage = None  # the old slice goes before the new one loads
+            self.stage = self._load_stage()
+            if self.cfg.model.compile != "off":
+                self.precompile(self.cfg.model.compile)
 
     @torch.no_grad()
     def precompile(self, mode: str) -> None:
@@ -124,30 +138,34 @@ class Engine:
 
     @torch.no_grad()
     def generate(self, writer=None, progress=None, keep_latents: bool = False, *, state: "DenoiseState | None" = None,
-                 checkpoint=None, checkpoint_every: int = 0, should_stop=None) -> RunStats:
+                 checkpoint=None, checkpoint_every: int = 0, should_stop=None, between=None) -> RunStats:
         """Run the plan's tasks from ``state.iteration`` (rank 0 passes the state; 0 = fresh).
 
         Rank 0 hands finished blocks to ``writer``. Every ``checkpoint_every``
         iterations, and when ``should_stop()`` turns true, rank 0 lets the ring
         drain at the iteration boundary and calls ``checkpoint(state)``; on a stop
-        it first tells the other ranks to stop at that boundary.
+        it first tells the other ranks to stop at that boundary. ``between()`` runs before each of
+        the other ranks' tasks (the last rank, when it is the output rank, takes the blocks that came).
         """
         if self.comm.is_first:
             state = state or DenoiseState(self.cfg, self.plan, self.stage.model.out_channels, self.comm.device)
             self.comm.broadcast_int(state.iteration)
             return self._run_first(state, writer, progress, keep_latents, checkpoint, checkpoint_every, should_stop)
-        return self._run_other(self.comm.broadcast_int(None), checkpoint_every)
+        return self._run_other(self.comm.broadcast_int(None), checkpoint_every, between)
 
-    def _run_other(self, start_iteration: int, checkpoint_every: int = 0) -> RunStats:
+    def _run_other(self, start_iteration: int, checkpoint_every: int = 0, between=None) -> RunStats:
         plan, model, cfg = self.plan, self.stage.model, self.cfg
         self.stage.reset()
         tasks = plan.ring_tasks(start_iteration)
 
-        def compute(task, packet, out):
+        def compute(task, packet, out, watch):
             shape = plan.shape(task)
             if self.comm.is_last:
-                return model.head(self.stage.run(packet, task, shape), shape, cfg.sampling.guidance, out=out)
-            return self.stage.run(packet, task, shape, out=out)
+                with watch.measure("layers"):
+                    h = self.stage.run(packet, task, shape)
+                return model.head(h, shape, cfg.sampling.guidance, out=out)
+            with watch.measure("layers"):
+                return self.stage.run(packet, task, shape, out=out)
 
         # rank 0 may be taking a checkpoint at an iteration boundary before this task: the first task
         # of an iteration, or the first after iterations whose tasks were all forecast
@@ -158,7 +176,7 @@ class Engine:
                                             for i in range(after[task.index] + 1, task.iteration + 1))
 
         st = relay(self.comm, self.trace, tasks, self.packet_shape, self.packet_dtype(), compute, self.name,
-                   self.pred_shape, patient)
+                   self.pred_shape, patient, between)
         st.peak_cache_bytes = self.stage.peak_bytes
         return st
 

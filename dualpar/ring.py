@@ -55,6 +55,11 @@ class RunStats:
     """Most block latents rank 0 held at once (queued blocks + context tail): bounded by ``steps + 1``."""
     cache_bytes: int = 0
     """Bytes held by this rank's KV caches (causal mode)."""
+    layers_s: float = 0.0
+    """Of ``compute_s``, the time in this rank's layers (the rest: embedding and scheduler steps on rank 0,
+    the head on the last rank)."""
+    output_s: float = 0.0
+    """Time this rank spent decoding and writing finished blocks (the output rank), on its own thread or not."""
     forecasts: int = 0
     """Tasks whose prediction rank 0 forecast instead of sending them around the ring (``cache.level=model``)."""
     peak_cache_bytes: int = 0
@@ -74,6 +79,7 @@ class RunStats:
         """Fill in the totals at the end of the loop (resolves CUDA events: one sync)."""
         self.wall_s = time.perf_counter() - t0
         self.compute_s, self.wait_s = watch.total("compute"), watch.total("wait")
+        self.layers_s = watch.total("layers")
         self.bytes_sent = comm.bytes_sent - self.comm_base[0]
         self.messages_sent = comm.messages_sent - self.comm_base[1]
         self.send_buffer_bytes = comm.send_bytes_held
@@ -85,11 +91,51 @@ def first_of_iteration(tasks, i: int) -> bool:
     return i > 0 and tasks[i].iteration != tasks[i - 1].iteration
 
 
-def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, pred_shape, patient=None) -> RunStats:
+def drain_target(task, k: int, ring: list, in_flight: int) -> int:
+    """The task index up to which rank 0 applies every prediction before it sends ring task ``task``
+    (the ``k``-th of ``ring``): those its input needs, and enough to keep at most ``in_flight`` in flight."""
+    return max(task.needs, ring[k - in_flight].index if k >= in_flight else -1)
+
+
+def checkpoint_before(tasks, i: int, checkpoint_every: int) -> bool:
+    """Rank 0 takes a checkpoint at the iteration boundary before task ``i`` of ``tasks``."""
+    return bool(checkpoint_every) and first_of_iteration(tasks, i) and tasks[i].iteration % checkpoint_every == 0
+
+
+def output_points(plan, tasks, on_ring, in_flight: int, checkpoint_every: int) -> dict[int, tuple[int, int]]:
+    """For an output rank on the ring (``output.decode_on=last``): before each ring task (by index),
+    how many finished blocks and checkpoint markers rank 0 has sent since ``tasks[0]``, so that rank
+    waits for exactly those (rank 0 sent them before that task's packet, needing nothing more from
+    the ring) and never for one still to come. Follows :func:`run_first`'s rules."""
+    ring = [t for t in tasks if on_ring(t)]
+    nth = {t.index: k for k, t in enumerate(ring)}
+    ends = [t.index for t in plan.tasks if plan.finished_by(t) is not None]
+    applied, blocks, marks, points = (tasks[0].index - 1 if tasks else -1), 0, 0, {}
+
+    def apply_upto(j: int) -> None:
+        nonlocal applied, blocks
+        if j > applied:
+            blocks += bisect.bisect_right(ends, j) - bisect.bisect_right(ends, applied)
+            applied = j
+
+    for i, task in enumerate(tasks):
+        if checkpoint_before(tasks, i, checkpoint_every):
+            apply_upto(task.index - 1)
+            marks += 1
+        if task.index in nth:
+            apply_upto(drain_target(task, nth[task.index], ring, in_flight))
+            points[task.index] = (blocks, marks)
+    return points
+
+
+def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, pred_shape, patient=None,
+          between=None) -> RunStats:
     """The loop of every rank but the first: receive each task's packet from the previous rank,
-    ``compute(task, packet, out)`` on it into a send buffer ``out``, and pass it on (the last
+    ``compute(task, packet, out, watch)`` on it into a send buffer ``out`` (timing its layers as
+    ``watch.measure("layers")``), and pass it on (the last
     rank sends its prediction back to rank 0). A stop message from rank 0 ends the loop; it is
-    passed on."""
+    passed on. ``between(task)``, if given, runs before each task (the output rank takes the blocks
+    rank 0 sent before it)."""
     st, watch = RunStats.begin(comm), Stopwatch(Clock(comm.device))
     inbox = comm.inbox(comm.prev, ((KIND_PACKET, t.index, packet_shape(t), dtype) for t in tasks))
     if comm.is_last:
@@ -99,6 +145,8 @@ def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, p
     comm.reserve(dst, kind, [out_shape(t) for t in tasks], out_dtype)
     t0 = time.perf_counter()
     for i, task in enumerate(tasks):
+        if between is not None:
+            between(task)
         with trace.span("recv", "wait", task=task.index), watch.measure("wait"):
             packet = inbox.next(patient=bool(patient and patient(task)), stop_possible=first_of_iteration(tasks, i))
         if packet is None:  # rank 0 stopped the run at this iteration boundary
@@ -108,7 +156,7 @@ def relay(comm: Comm, trace: Trace, tasks, packet_shape, dtype, compute, name, p
             break
         out = comm.send_buffer(dst, kind, out_shape(task), out_dtype, task.index)
         with trace.span(name(task), "compute", task=task.index, iteration=task.iteration), watch.measure("compute"):
-            out = compute(task, packet, out)
+            out = compute(task, packet, out, watch)
         with trace.span("send", "send", task=task.index):
             comm.send(out, dst, kind, task.index)
         st.tasks += 1
@@ -127,9 +175,9 @@ class Returns:
         self.applied = start - 1
         """Index of the last task whose prediction has been applied (earlier ones: before ``start``)."""
         self.inbox = None
-        if comm.world > 1:
+        if comm.ring > 1:
             expected = ((KIND_PRED, t.index, pred_shape(t), torch.float32) for t in tasks[start:] if self.on_ring(t))
-            self.inbox = comm.inbox(comm.world - 1, expected)
+            self.inbox = comm.inbox(comm.ring - 1, expected)
 
     def drain(self, upto: int) -> None:
         """Receive (or, for a task off the ring, forecast) and apply every prediction up to task index ``upto``."""
@@ -153,19 +201,36 @@ class Geometry:
     """What every rank derives identically in either mode: the blocks (or chunks) of the
     video, the layer split, the latent size and the CFG batch."""
 
-    def __init__(self, cfg: Config, world: int, num_layers: int, block: int):
+    def __init__(self, cfg: Config, world: int, num_layers: int, block: int, counts: list[int] | None = None):
         self.cfg = cfg
         self.blocks = sch.split_blocks(cfg.video.latent_frames, block)
-        self.layers = sch.split_layers(num_layers, world, cfg.parallel.layer_counts())
+        self.num_layers, self.world = num_layers, world
+        self.set_split(counts or cfg.parallel.layer_counts())
         self.lat_h = cfg.video.height // loader.VAE_SPATIAL
         self.lat_w = cfg.video.width // loader.VAE_SPATIAL
         self.batch = 2 if cfg.sampling.guidance > 1.0 else 1
+
+    def set_split(self, counts: list[int] | None) -> None:
+        """Layer counts per ring rank (None: the even split)."""
+        self.layers = sch.split_layers(self.num_layers, self.world, counts)
+
+    @property
+    def counts(self) -> list[int]:
+        return [b - a for a, b in self.layers]
 
     def block_of(self, task) -> int:
         return task.block
 
     def pred_shape(self, task, channels: int) -> tuple[int, ...]:
         return (1, channels, self.blocks[self.block_of(task)].frames, self.lat_h, self.lat_w)
+
+    def finished_by(self, task) -> int | None:
+        """The block (chunk) whose clean latents rank 0 has once this task's prediction is applied."""
+        return task.block if task.last_step else None
+
+    def latent_shape(self, b: int, channels: int) -> tuple[int, ...]:
+        """A finished block's clean latents: what rank 0 writes (or sends to the output rank)."""
+        return (1, channels, self.blocks[b].frames, self.lat_h, self.lat_w)
 
     def frames_of_block(self, b: int) -> int:
         blk = self.blocks[b]
@@ -222,18 +287,18 @@ def run_first(mode: Mode, comm: Comm, state, tasks, base: int, writer=None, prog
     ring = [t for t in tasks if mode.on_ring(t)]  # what the other ranks work on (forecasts stay here)
     nth = {t.index: k for k, t in enumerate(ring)}
     ring_index = [t.index for t in ring]
-    if comm.world > 1:
+    if comm.ring > 1:
         comm.reserve(comm.next, KIND_PACKET, [mode.packet_shape(t) for t in ring], mode.packet_dtype())
     t0 = time.perf_counter()
     for i, task in enumerate(tasks):
         boundary = first_of_iteration(tasks, i)  # the tasks are consecutive from ``base``
         stop = boundary and should_stop is not None and should_stop()
-        if boundary and (stop or (checkpoint_every and task.iteration % checkpoint_every == 0)):
+        if boundary and (stop or checkpoint_before(tasks, i, checkpoint_every)):
             drain(task.index - 1)  # the iteration is complete on rank 0
             state.iteration = task.iteration
             k = bisect.bisect_left(ring_index, task.index)  # the next task the other ranks expect
             nxt = ring[k] if k < len(ring) else None
-            if stop and comm.world > 1 and nxt is not None:  # release the other ranks before the (slow) checkpoint
+            if stop and comm.ring > 1 and nxt is not None:  # release the other ranks before the (slow) checkpoint
                 comm.send_stop(comm.next, nxt.index, mode.packet_shape(nxt), mode.packet_dtype())
             if checkpoint is not None:
                 checkpoint(state)
@@ -241,26 +306,26 @@ def run_first(mode: Mode, comm: Comm, state, tasks, base: int, writer=None, prog
                 st.stopped = True
                 break
         if task.index not in nth:  # forecast here, applied in task order when a later wait reaches it
-            if comm.world == 1:
+            if comm.ring == 1:
                 drain(task.index)
             if progress is not None:
                 progress.task_done(task)
             continue
         # Wait for the results this input depends on, and keep the ring's load bounded (in ring tasks:
         # forecasts do not load the ring).
-        k = nth[task.index]
-        drain(max(task.needs, ring[k - mode.in_flight].index if k >= mode.in_flight else -1))
+        drain(drain_target(task, nth[task.index], ring, mode.in_flight))
         mode.before_task(task)
-        out = None if comm.world == 1 else comm.send_buffer(
+        out = None if comm.ring == 1 else comm.send_buffer(
             comm.next, KIND_PACKET, mode.packet_shape(task), mode.packet_dtype(), task.index)
         with trace.span(mode.name(task), "compute", task=task.index, iteration=task.iteration), \
                 watch.measure("compute"):
             packet = mode.embed(state, task)
             st.peak_live_blocks = max(st.peak_live_blocks, state.live_blocks())
-            packet = mode.stage.run(packet, task, plan.shape(task), out=out)
-            if comm.world == 1:
+            with watch.measure("layers"):
+                packet = mode.stage.run(packet, task, plan.shape(task), out=out)
+            if comm.ring == 1:
                 pred = mode.head(packet, task)
-        if comm.world == 1:
+        if comm.ring == 1:
             with trace.span(f"step {mode.name(task)}", "scheduler", task=task.index), watch.measure("compute"):
                 apply(task, pred)
             returns.applied = task.index

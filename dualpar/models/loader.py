@@ -97,6 +97,18 @@ def num_layers(cfg: Config) -> int:
     return TINY_TRANSFORMER["num_layers"]
 
 
+def latent_channels(cfg: Config) -> int:
+    """Channels of the latents the transformer predicts (what the VAE decodes)."""
+    if cfg.model.folder:
+        from .weights import read_transformer_config
+
+        c = read_transformer_config(cfg.model.folder)
+        return int(c.get("out_channels") or c["in_channels"])
+    from .tiny import TINY_TRANSFORMER
+
+    return TINY_TRANSFORMER["out_channels"]
+
+
 def load_transformer(cfg: Config):
     """The whole transformer (diffusers' ``WanTransformer3DModel``, float32, on the CPU): for
     references and baselines that run the model outside the engine."""

@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,8 @@ class RunWriter:
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._worker: threading.Thread | None = None
+        self.output_s = 0.0
+        """Seconds spent saving, decoding and writing blocks (host time: decoding ends in a copy to the host)."""
 
     def _start(self, background: bool, queue_blocks: int) -> None:
         if background:
@@ -349,6 +352,13 @@ class RunWriter:
         return self._write_block_now(block_id, latents)
 
     def _write_block_now(self, block_id: int, latents: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._write_block_files(block_id, latents)
+        finally:
+            self.output_s += time.perf_counter() - t0
+
+    def _write_block_files(self, block_id: int, latents: torch.Tensor) -> None:
         m = self.manifest
         latent_start = m["latent_frames_written"]
         f = latents.shape[2]
