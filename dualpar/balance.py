@@ -2,9 +2,10 @@
 
 A pipeline runs at the pace of its slowest stage. Each rank's load over one video is its layers'
 time plus its own extra work: rank 0 embeds every task and applies every scheduler step, the last
-rank runs the head and guidance, and whichever rank decodes (``output.decode_on``) spends the VAE's
-time on every finished block. A :class:`Profile` holds those costs per unit (one layer on one task,
-rank 0's share of one task, the head's, one block's decode), measured on a finished video
+rank runs the head and guidance, and whichever rank decodes (``output.decode_on``) shares its device
+with the VAE for every finished block (its writer thread decodes while the rank computes). A
+:class:`Profile` holds those costs per unit (one layer on one task, rank 0's share of one task, the
+head's, one block's decoding), measured on a finished video
 (:meth:`Profile.from_run`), so it carries over to another split, rank count or video length of the
 same setup. :func:`best_split` is the contiguous split that minimises the slowest stage's load.
 
@@ -37,22 +38,29 @@ class Profile:
     last_s: float
     """The last rank's own work per task: the output head and the guidance combine."""
     decode_s: float
-    """Decoding and writing one block, on whichever rank does it."""
+    """What decoding and writing one block adds to the decoding rank's own time: measured as that rank's
+    layer time over the others' per layer (the VAE shares its device, or its cores), plus any wait
+    for a full output queue (in ``first_s``/``last_s``). On a GPU it is about the VAE's time; on a
+    CPU with cores to spare, about nothing."""
 
     @classmethod
     def from_run(cls, ranks: list[dict], layers: list[int], tasks: int, blocks: int, decode_rank: int | None) -> "Profile":
-        """The profile of a finished video. ``ranks``: per rank ``busy_s`` (all compute), ``layers_s`` (in the
-        layers) and ``output_s`` (decoding and writing); ``layers``: each ring rank's layer count; ``tasks``:
-        computed tasks per rank; ``blocks``: blocks written; ``decode_rank``: who decoded (None: nobody)."""
-        tasks = max(tasks, 1)
-        layer_s = sum(r["layers_s"] for r in ranks[:len(layers)]) / (sum(layers) * tasks)
+        """The profile of a finished video. ``ranks``: per rank ``busy_s`` (all compute) and ``layers_s`` (in
+        the layers); ``layers``: each ring rank's layer count; ``tasks``: computed tasks per rank; ``blocks``:
+        blocks written; ``decode_rank``: who decoded (None: nobody; ``len(layers)``: an extra rank)."""
+        tasks, ring = max(tasks, 1), len(layers)
+        clean = [r for r in range(ring) if r != decode_rank] or list(range(ring))
+        layer_s = sum(ranks[r]["layers_s"] for r in clean) / (sum(layers[r] for r in clean) * tasks)
+        decode_s = 0.0
+        if decode_rank is not None and decode_rank < ring and clean != list(range(ring)):
+            excess = ranks[decode_rank]["layers_s"] - layers[decode_rank] * layer_s * tasks
+            decode_s = excess / max(blocks, 1)
         first = ranks[0]["busy_s"] - ranks[0]["layers_s"]
-        if len(layers) == 1:  # one rank does both ends: split its own time evenly between them
+        if ring == 1:  # one rank does both ends: split its own time evenly between them
             first_s = last_s = first / (2 * tasks)
         else:
             first_s = first / tasks
-            last_s = (ranks[len(layers) - 1]["busy_s"] - ranks[len(layers) - 1]["layers_s"]) / tasks
-        decode_s = ranks[decode_rank]["output_s"] / max(blocks, 1) if decode_rank is not None else 0.0
+            last_s = (ranks[ring - 1]["busy_s"] - ranks[ring - 1]["layers_s"]) / tasks
         return cls(layer_s=max(layer_s, 0.0), first_s=max(first_s, 0.0), last_s=max(last_s, 0.0),
                    decode_s=max(decode_s, 0.0))
 
@@ -70,21 +78,24 @@ class Profile:
         text = (f"{self.layer_s * 1e3:.2f} ms per layer and task, rank 0 +{self.first_s * 1e3:.2f} ms per task "
                 f"(embedding, scheduler), last rank +{self.last_s * 1e3:.2f} ms (head, guidance)")
         if self.decode_s:
-            text += f", decoding {self.decode_s:.2f} s per block on {where}"
+            text += f", decoding +{self.decode_s:.2f} s per block on {where}"
         return text
 
 
 def best_split(num_layers: int, ring: int, profile: Profile, tasks: int, blocks: int,
                decode_rank: int | None) -> list[int]:
     """The contiguous split (layers per ring rank, each >= 1) whose slowest stage is fastest under
-    ``profile``; among equally fast ones the one closest to even."""
+    ``profile``; among equally fast ones the one closest to the even split (``schedule.split_layers``),
+    so that layers move only when that makes the slowest stage faster."""
+    from .schedule import split_layers
+
     if not 1 <= ring <= num_layers:
         raise ValueError(f"cannot split {num_layers} layers over {ring} ranks")
     # A split's load on rank r depends on r and its own count only: minimax over compositions by
     # dynamic programming, from the last rank backwards.
     fixed = profile.loads([0] * ring, tasks, blocks, decode_rank)
     per_layer = profile.layer_s * tasks
-    even = num_layers / ring
+    even = [b - a for a, b in split_layers(num_layers, ring)]
 
     def load(r: int, n: int) -> float:
         return fixed[r] + n * per_layer
@@ -101,7 +112,7 @@ def best_split(num_layers: int, ring: int, profile: Profile, tasks: int, blocks:
                 if rest is None:
                     continue
                 slow = max(load(r, n), rest[0])
-                cands.append((round(slow, 12), rest[1] + (n - even) ** 2, (n,) + rest[2]))
+                cands.append((round(slow, 12), rest[1] + (n - even[r]) ** 2, (n,) + rest[2]))
             if cands:
                 best[r][k] = min(cands)
     return list(best[0][num_layers][2])

@@ -17,6 +17,7 @@ traced run (``launch/gen.py --trace``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -65,8 +66,13 @@ HOP = dict(latency_s=1e-3, bandwidth=2e9, packet_bytes_per_token=1024)
 
 
 def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_s"], bandwidth=HOP["bandwidth"],
-             packet_bytes_per_token=HOP["packet_bytes_per_token"], full=None, level="model"):
+             packet_bytes_per_token=HOP["packet_bytes_per_token"], full=None, level="model", decode=None):
     """Predicted loop wall time and idle fraction per rank.
+
+    ``layers``: the split (a contiguous range per ring rank). ``decode``: ``(rank, seconds per block)``,
+    the rank that decodes and writes each finished block (``output.decode_on``: 0, the last ring rank,
+    or ``len(layers)``, an extra rank off the ring) and its cost; the block reaches it when rank 0 has
+    applied its last step, and the decoding occupies that rank before its next task.
 
     ``full``: per step, computed (True) or forecast (timestep feature caching, see
     ``dualpar.schedule.full_steps``). At ``level`` ``model`` a forecast task never enters the ring:
@@ -76,8 +82,9 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
     world = len(layers)
     tasks = sch.make_tasks(len(blocks), steps, full)
     in_flight = 2 * world
-    free = [0.0] * world
-    busy = [0.0] * world
+    ranks = world + (1 if decode is not None and decode[0] >= world else 0)
+    free = [0.0] * ranks
+    busy = [0.0] * ranks
     pred_at = {}  # task -> time its prediction reaches rank 0
     applied = -1
     off_ring = {t.index for t in tasks if not t.full and level == "model"}
@@ -96,6 +103,12 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
         nq, _ = task_tokens(task, blocks, num_cat, steps, tpf)
         return latency_s + nq * packet_bytes_per_token / bandwidth
 
+    def decode_block(t):
+        if decode is not None:
+            r, cost = decode
+            free[r] = max(free[r], t + (latency_s if r else 0.0)) + cost
+            busy[r] += cost
+
     def apply_upto(need):
         nonlocal applied
         while applied < need:
@@ -104,6 +117,8 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
             free[0] = t + model["sched_s"]
             busy[0] += model["sched_s"]
             applied = j
+            if tasks[j].last_step:
+                decode_block(free[0])
 
     # Rank 0 drives the order; other ranks follow task by task.
     for task in tasks:
@@ -131,6 +146,8 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
             free[0] += model["sched_s"]
             busy[0] += model["sched_s"]
             applied = task.index
+            if task.last_step:
+                decode_block(free[0])
     apply_upto(len(tasks) - 1)
     wall = max(free)
     return {"wall_s": wall, "idle": [1 - b / wall for b in busy]}
@@ -461,6 +478,78 @@ def cache_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+# Wan2.1's VAE decoder: FLOPs per output pixel of one frame, counted with torch's FlopCounterMode on
+# diffusers' AutoencoderKLWan (default config, 127 M parameters) through StreamingDecoder (its convolutions
+# are linear in the pixels). Run in float32; TF32 tensor cores at the projection's EFFICIENCY.
+VAE_FLOPS_PER_PIXEL = 8.44e6
+TF32_PEAK = {"H100": 495e12, "RTX 4090": 82.6e12}
+BALANCE_GPUS = "8x H100 SXM, NVLink"
+
+
+def _balance_profile(g, m, frames, steps, num_cat, block, vae_efficiency=EFFICIENCY):
+    """The cost profile ``parallel.split=auto`` would measure, from the FLOPs model (per layer and task:
+    the mean over the run's tasks) and the VAE's FLOPs per decoded block."""
+    from dualpar.balance import Profile
+
+    blocks, tasks, nc, st, tpf, _ = plan_for(frames, block, num_cat, steps, 1, m["layers"], m["hw"])
+    model = flops_model(m["dim"], m["ffn"], EFFICIENCY * g["peak_flops"])
+    per_layer = np.mean([float(np.dot(model["layer"], features(*task_tokens(t, blocks, nc, st, tpf)))) for t in tasks])
+    h, w = m["hw"]
+    frame_s = VAE_FLOPS_PER_PIXEL * h * w / (vae_efficiency * TF32_PEAK[g["short"]])
+    decode_s = frame_s * frames / len(blocks)
+    return Profile(layer_s=float(per_layer), first_s=model["sched_s"], last_s=0.0, decode_s=decode_s), model, len(tasks)
+
+
+VAE_EFFICIENCIES = (EFFICIENCY, 0.04)
+"""The VAE's share of the TF32 peak: the matmuls' (an optimistic bound) and a tenth of it (3-D convolutions
+with a temporal cache run far below the matmuls; ``scripts/gpu_check.py``'s ``vae`` section measures it)."""
+
+
+def balance_projection(frames=1025, steps=50, num_cat=8, block=8, gpus=8):
+    """Wall time and idle per rank on 8 GPUs for both models: even vs auto split, with decoding on the
+    first rank, the last, or an extra rank (7 denoising + 1 decoding), at two VAE efficiencies."""
+    from dualpar.balance import best_split
+
+    g = GPUS[BALANCE_GPUS]
+    rows = []
+    for (mname, m), vae_eff in itertools.product(MODELS.items(), VAE_EFFICIENCIES):
+        prof, model, n_tasks = _balance_profile(g, m, frames, steps, num_cat, block, vae_eff)
+        base = None
+        for decode_on in ("first", "last", "extra"):
+            ring = gpus - 1 if decode_on == "extra" else gpus
+            where = {"first": 0, "last": ring - 1, "extra": ring}[decode_on]
+            blocks, _, nc, st, tpf, _ = plan_for(frames, block, num_cat, steps, ring, m["layers"], m["hw"])
+            for split in ("even", "auto"):
+                counts = (best_split(m["layers"], ring, prof, n_tasks, len(blocks), where) if split == "auto"
+                          else [b - a for a, b in sch.split_layers(m["layers"], ring)])
+                layers = sch.split_layers(m["layers"], ring, counts)
+                out = simulate(blocks, st, nc, tpf, layers, dict(model, fixed=[0.0] * ring), latency_s=g["latency_s"],
+                               bandwidth=g["bandwidth"], packet_bytes_per_token=2 * m["dim"] * 2,
+                               decode=(where, prof.decode_s))
+                base = base or out["wall_s"]
+                rows.append(dict(model=mname, vae_efficiency=vae_eff, decode_s=prof.decode_s * len(blocks),
+                                 decode_on=decode_on, split=split, counts=counts, wall_s=out["wall_s"],
+                                 idle=out["idle"], speedup=base / out["wall_s"]))
+    return {"gpus": BALANCE_GPUS, "frames": frames, "steps": steps, "block": block, "num_cat": num_cat,
+            "efficiency": EFFICIENCY, "vae_flops_per_pixel": VAE_FLOPS_PER_PIXEL, "rows": rows}
+
+
+def balance_markdown(data: dict) -> str:
+    lines = [f"Projected balanced stages: {data['frames']} frames, {data['steps']} steps, {data['gpus']}, block "
+             f"{data['block']}, num_cat {data['num_cat']}; decoding every block with Wan2.1's VAE "
+             f"({data['vae_flops_per_pixel'] / 1e6:.2f} MFLOPs per output pixel, at a share of the TF32 peak: the "
+             f"layers' {data['efficiency']:.0%}, or 4%); speed-up against the even split with decoding on rank 0 "
+             "at the same VAE speed. Decode s: the whole video's decoding.", "",
+             "| model | VAE at | decode s | decode on | split | layers per rank | wall s | speed-up | idle per rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        idle = " ".join(f"{x:.0%}" for x in r["idle"])
+        lines.append(f"| {r['model']} | {r['vae_efficiency']:.0%} | {r['decode_s']:.0f} | {r['decode_on']} | "
+                     f"{r['split']} | {','.join(map(str, r['counts']))} | {r['wall_s']:.0f} | {r['speedup']:.2f}x | "
+                     f"{idle} |")
+    return "\n".join(lines)
+
+
 def project(frames=1025, steps=50, num_cat=8):
     data = projection(frames, steps, num_cat)
     print(f"projection: {frames} frames, {steps} steps, num_cat {num_cat}, CFG, bf16\n")
@@ -477,6 +566,8 @@ def project(frames=1025, steps=50, num_cat=8):
     print("\n" + memory_markdown(data["memory"], frames))
     data["cache"] = cache_projection(frames, steps, num_cat)
     print("\n" + cache_markdown(data["cache"]))
+    data["balance"] = balance_projection(frames, steps, num_cat)
+    print("\n" + balance_markdown(data["balance"]))
     return data
 
 

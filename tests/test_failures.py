@@ -142,10 +142,11 @@ def test_kill_then_resume_equals_uninterrupted(root, tmp_path, uninterrupted):
     assert len(got) == len(uninterrupted) and diff <= 1e-5, diff
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_sigterm_finalizes_and_resumes(root, tmp_path, uninterrupted, n):
+@pytest.mark.parametrize("n,where", [(1, "first"), (2, "first"), (2, "last"), (3, "extra")])
+def test_sigterm_finalizes_and_resumes(root, tmp_path, uninterrupted, n, where):
+    # decode_on last/extra: the output rank writes the checkpoint, with rank 0's state sent to it
     out = tmp_path / "run"
-    p = start_run(n, out)
+    p = start_run(n, out, ["--set", f"output.decode_on={where}"])
     wait_for(lambda: (manifest(out) or {}).get("blocks_written", 0) >= 2, 300, "two blocks")
     p.send_signal(signal.SIGTERM)  # to the launcher (torchrun forwards it) or the single process
     t0 = time.time()
