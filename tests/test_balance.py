@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualpar.balance import Profile, ProfileStore, best_split, decode_rank
+from dualpar.balance import Profile, ProfileStore, best_split
 from dualpar.config import Config, ConfigError
 
 from test_parallel import launch, read_blocks  # noqa: E402
