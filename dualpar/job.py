@@ -127,7 +127,7 @@ class Job:
         new = best_split(plan.num_layers, comm.ring, profile, tasks, blocks, where)
         slow_now = max(profile.loads(now, tasks, blocks, where))
         slow_new = max(profile.loads(new, tasks, blocks, where))
-        busy = "/".join(f"{r['busy_s'] + (r['output_s'] if i == where else 0.0):.1f}" for i, r in enumerate(per_rank))
+        busy = "/".join(f"{r['busy_s']:.1f}" for r in per_rank[:comm.ring])
         change = new != now and slow_new < (1 - CHANGE) * slow_now
         if comm.is_first:
             verdict = (f"split {','.join(map(str, now))} -> {','.join(map(str, new))} for the next video "

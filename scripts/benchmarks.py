@@ -48,7 +48,7 @@ SETTINGS = {
     "full": dict(sweep_frames=[65, 129, 257, 513, 1025], speedup_frames=None, repeat=2,
                  sim_calib=dict(frames=257, block=8, num_cat=4), sim_target=dict(frames=513, block=4, num_cat=2),
                  causal_args=[], comm_args=[], quality_args=["--prompts", "1"],  # else the scripts' defaults
-                 cache_args=[], peer_args=["--repeat", "4"]),
+                 cache_args=[], peer_args=["--repeat", "4"], balance_args=[]),
     # Smoke test of the whole pipeline: one short length, one repeat, a small simulator case; the causal
     # section on bench_causal.py's quick cases with one repeat and the staggered schedule only (2 launches).
     "quick": dict(sweep_frames=[33], speedup_frames=33, repeat=1,
@@ -56,7 +56,7 @@ SETTINGS = {
                   causal_args=["--quick", "--schedules", "staggered"],
                   comm_args=["--messages", "5", "--ranks", "2", "--delay", "0.02"], quality_args=["--quick"],
                   cache_args=["--quick"], peer_args=["--preset", "tiny-random", "--frames", "9", "--size", "32",
-                                                     "--steps", "6", "--repeat", "1"]),
+                                                     "--steps", "6", "--repeat", "1"], balance_args=["--quick"]),
 }
 
 
@@ -850,6 +850,37 @@ def render_cache(data: dict, ctx: Ctx) -> str:
 # -- ring messages and the GPU check ---------------------------------------------------------
 
 
+def run_balance(ctx: Ctx) -> dict:
+    out = os.path.join(ctx.work, "balance.json")
+    args = ctx.settings["balance_args"]
+    run_script("bench_balance.py", *args, "--json", out)
+    return dict(read_json(out), command=command("bench_balance.py", *args), projection=simulate.balance_projection())
+
+
+def render_balance(data: dict, ctx: Ctx) -> str:
+    best = {r["case"]: r for r in data["best"]}
+    table = ["| case | layers per rank | loop s | vs even | end to end s | launcher wall s | decoding s | "
+             "simulator's loop s | idle per rank |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["best"]:
+        even = best[r["case"].replace("auto", "even")]
+        pred = (f"{r['predicted_loop_s']:.1f} ({r['predicted_loop_s'] / r['loop_s'] - 1:+.0%})"
+                if "predicted_loop_s" in r else "-")
+        table.append(f"| {r['case']} | {','.join(map(str, r['layers']))} | {r['loop_s']:.1f} | "
+                     f"{even['loop_s'] / r['loop_s']:.2f}x | {r['total_s']:.1f} | {r['wall_s']:.1f} | {r['decode_s']:.1f} | "
+                     f"{pred} | {' / '.join(f'{x:.0%}' for x in r['idle'])} |")
+    return "\n".join([
+        "## Balanced stages", "",
+        f"`{data['command']}`: the real launcher with decoding on, {data['frames']} frames of the benchmarks' config, "
+        f"best loop of {data['repeat']} alternating runs per case. *even* runs `parallel.split=auto` on an empty "
+        "profile (the even split, measuring the profile); *auto* takes the split that profile gives. End to end: "
+        "the run's own time (text encoder, loop, the last blocks' decoding); launcher wall: with torchrun and "
+        "imports. Decoding s: the writer thread's decode-and-write time on the rank that decodes. Simulator's loop: "
+        "the event model fitted on the even run (its trace, and one factor for what it does not model: the "
+        "writer thread's share of the cores the ranks share), predicting the auto run. Idle = 1 - busy / loop.", "",
+        *table, "",
+        "### Projected on 8 GPUs", "", simulate.balance_markdown(data["projection"])])
+
+
 def run_comm(ctx: Ctx) -> dict:
     out = os.path.join(ctx.work, "comm.json")
     run_script("bench_comm.py", *ctx.settings["comm_args"], "--json", out)
@@ -935,6 +966,7 @@ SECTIONS = [
     Section("reject", run_reject, render_reject),
     Section("quality", run_quality, render_quality),
     Section("cache", run_cache, render_cache),
+    Section("balance", run_balance, render_balance),
     Section("gpu", None, render_gpu),
 ]
 

@@ -189,6 +189,32 @@ def test_feature_caching_section(quick):
         assert "### The peer: cache-dit on diffusers' WanPipeline" in quick["md"]
 
 
+def test_balanced_stages_section(quick):
+    """bench_balance.py --quick: every case ran with the split it reports, the auto runs took their even
+    run's profile, the ratios are of the measured loops, the simulator predicted each auto run."""
+    data = quick["results"]["balance"]
+    best = {r["case"]: r for r in data["best"]}
+    assert set(best) == {"3 ranks, even", "3 ranks, auto", "2 ranks, even, decode first", "2 ranks, auto, decode first",
+                         "2 ranks, even, decode last", "2 ranks, auto, decode last"}
+    for name, r in best.items():
+        assert sum(r["layers"]) == 8 and len(r["layers"]) == r["ranks"] and len(r["idle"]) == r["ranks"]
+        assert r["decode_s"] > 0 and r["total_s"] >= r["loop_s"] > 0
+        if "even" in name:
+            assert r["layers"] == ([2, 3, 3] if r["ranks"] == 3 else [4, 4]) and "predicted_loop_s" not in r
+        else:
+            assert r["predicted_loop_s"] > 0
+            even = best[name.replace("auto", "even")]
+            assert f"{even['loop_s'] / r['loop_s']:.2f}x" in quick["md"]
+    assert "## Balanced stages" in quick["md"] and "| Wan2.1-14B 720x1280 | 40% |" in quick["md"]
+    rows = data["projection"]["rows"]
+    assert {(r["decode_on"], r["split"]) for r in rows} == {(d, s) for d in ("first", "last", "extra")
+                                                            for s in ("even", "auto")}
+    for r in rows:  # auto is never slower than even at the same placement (the same model picks it)
+        even = next(e for e in rows if e["model"] == r["model"] and e["vae_efficiency"] == r["vae_efficiency"]
+                    and e["decode_on"] == r["decode_on"] and e["split"] == "even")
+        assert r["wall_s"] <= even["wall_s"] * 1.001
+
+
 def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
     md, plots, results = quick["md"], quick["plots"], quick["results"]
     assert md.startswith("# Benchmarks") and "python scripts/benchmarks.py" in md
@@ -205,7 +231,7 @@ def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         assert f"](docs/benchmarks/{name})" in md
     assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "comm", "reject", "quality",
-            "cache"} <= set(results)
+            "cache", "balance"} <= set(results)
     causal = md[md.index("## Causal mode"):]
     rows = [ln for ln in causal.splitlines() if ln.startswith("| ")]
     for name in ("full", *BOUNDED):
