@@ -11,10 +11,9 @@ decoding on, on the benchmarks' config (tiny-random, 8 layers):
   that profile gives);
 * 2 ranks: the even split with decoding on the first rank and on the last, and ``auto`` for each
   (each from the profile its even run measured);
-* the simulator's prediction of each ``auto`` run's loop, from its even run: the per-layer and per-rank
-  fit of ``simulate.calibrate`` on its trace (the writer thread's decoding is in the spans it slowed),
-  and one factor that makes the model reproduce that run's loop (the thread also takes one of the
-  cores the ranks share, which the event model does not see); the unscaled figure is kept too.
+* the simulator's prediction of each ``auto`` run's loop, from its even run's trace: the fit of
+  ``simulate.calibrate(per_rank=True)``, each rank its own layer coefficients (the writer thread's
+  decoding slows the spans of the rank it shares cores with; it has no span of its own).
 
 Cases alternate and the best loop of ``--repeat`` is kept (the machine is shared and noisy); the auto
 runs reuse the profile of the first even run of their case. Reported per case: the split, the
@@ -63,18 +62,16 @@ def predict(trace: str, stats: dict, cfg_args: dict, counts: list[int]) -> dict:
     even = stats["layers"]
     cal = simulate.plan_for(frames, block, num_cat, steps, len(even), sum(even), hw)
     cal = cal[:5] + (sch.split_layers(sum(even), len(even), even),)
-    model = simulate.calibrate(trace, cal)
+    model = simulate.calibrate(trace, cal, per_rank=True)
     blocks, _, nc, st, tpf, _ = simulate.plan_for(frames, block, num_cat, steps, len(counts), sum(counts), hw)
 
     def loop(c):
         return simulate.simulate(blocks, st, nc, tpf, sch.split_layers(sum(c), len(c), c), model)["wall_s"]
 
-    # The decoding runs on the writer thread: its cost is in the traced spans it slowed (the fit's
-    # per-rank terms), not an extra span of its own; what the event model misses besides (the thread
-    # taking one of the cores the ranks share) is one factor, fitted on the even run with the rest.
+    # The decoding runs on the writer thread: its cost is in the traced spans it slowed (each rank its
+    # own layer coefficients), not a span of its own.
     raw, raw_even = loop(counts), loop(even)
-    scale = stats["loop_s"] / raw_even
-    return {"predicted_loop_s": raw * scale, "unscaled_loop_s": raw, "scale": scale}
+    return {"predicted_loop_s": raw, "predicted_even_loop_s": raw_even}
 
 
 def main() -> None:
@@ -83,6 +80,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="89 frames at 32x48, one repeat (for tests)")
     p.add_argument("--json", help="write every run and the summary here")
+    p.add_argument("--keep", help="keep the runs (videos, traces, profiles) here instead of a temporary directory")
     args = p.parse_args()
     from dualpar.config import load_config
 
@@ -101,7 +99,9 @@ def main() -> None:
              ("2 ranks, even, decode last", 2, "last", False), ("2 ranks, auto, decode last", 2, "last", True)]
     best: dict[str, dict] = {}
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
+        os.makedirs(tmp, exist_ok=True)
         for rep in range(args.repeat):
             for name, n, where, auto in cases:
                 key = f"{n}-{where}"

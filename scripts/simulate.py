@@ -40,8 +40,12 @@ def features(nq, nkv):
     return [1.0, nq, nq * nkv]
 
 
-def calibrate(trace_path, plan_args):
-    """Per-layer cost coefficients, per-rank fixed costs, scheduler-step cost, from one traced run."""
+def calibrate(trace_path, plan_args, per_rank=False):
+    """Per-layer cost coefficients, per-rank fixed costs, scheduler-step cost, from one traced run.
+
+    ``per_rank``: each rank its own per-token and per-pair layer coefficients (``layer_by_rank``; the
+    constant per-layer term merges into the rank's fixed cost): where something else shares a rank's
+    device or cores (its writer thread decoding), that rank's layers run slower than the others'."""
     blocks, tasks, num_cat, steps, tpf, layers = plan_args
     events = [e for e in json.load(open(trace_path))["traceEvents"] if e.get("ph") == "X"]
     by_index = {t.index: t for t in tasks}
@@ -52,12 +56,20 @@ def calibrate(trace_path, plan_args):
         t = by_index[e["args"]["task"]]
         nq, nkv = task_tokens(t, blocks, num_cat, steps, tpf)
         n_layers = layers[e["pid"]][1] - layers[e["pid"]][0]
-        # per-layer features scaled by the rank's layer count, plus one fixed term per rank
-        row = [f * n_layers for f in features(nq, nkv)] + [1.0 if e["pid"] == r else 0.0 for r in range(len(layers))]
+        onehot = [1.0 if e["pid"] == r else 0.0 for r in range(len(layers))]
+        if per_rank:
+            row = [f * n_layers * h for h in onehot for f in features(nq, nkv)[1:]] + onehot
+        else:  # per-layer features scaled by the rank's layer count, plus one fixed term per rank
+            row = [f * n_layers for f in features(nq, nkv)] + onehot
         rows.append(row)
         ys.append(e["dur"] / 1e6)
     coef, *_ = np.linalg.lstsq(np.array(rows), np.array(ys), rcond=None)
     sched = [e["dur"] / 1e6 for e in events if e["cat"] == "scheduler"]
+    if per_rank:
+        w = len(layers)
+        by_rank = [[0.0, *coef[2 * r: 2 * r + 2]] for r in range(w)]
+        return {"layer": by_rank[0], "layer_by_rank": by_rank, "fixed": coef[2 * w:].tolist(),
+                "sched_s": float(np.median(sched))}
     return {"layer": coef[:3].tolist(), "fixed": coef[3:].tolist(), "sched_s": float(np.median(sched))}
 
 
@@ -97,7 +109,8 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
             return fixed
         nq, nkv = task_tokens(task, blocks, num_cat, steps, tpf)
         n = layers[rank][1] - layers[rank][0]
-        return n * float(np.dot(model["layer"], features(nq, nkv))) + fixed
+        coef = model["layer_by_rank"][rank] if "layer_by_rank" in model else model["layer"]
+        return n * float(np.dot(coef, features(nq, nkv))) + fixed
 
     def hop(task):
         nq, _ = task_tokens(task, blocks, num_cat, steps, tpf)
