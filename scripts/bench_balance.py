@@ -12,8 +12,10 @@ decoding on, on the benchmarks' config (tiny-random, 8 layers):
 * 2 ranks: the even split with decoding on the first rank and on the last, and ``auto`` for each
   (each from the profile its even run measured);
 * the simulator's prediction of each ``auto`` run's loop, from its even run's trace: the fit of
-  ``simulate.calibrate(per_rank=True)``, each rank its own layer coefficients (the writer thread's
-  decoding slows the spans of the rank it shares cores with; it has no span of its own).
+  ``simulate.calibrate(per_rank=True)`` (each rank its own layer coefficients: the writer thread's
+  decoding slows the rank it shares cores with) and the writer itself, its traced time per block
+  behind its queue of 8 blocks, where the rank waits when the queue is full (``simulate``'s
+  ``decode=(rank, s, queue)``). ``--repredict`` computes them again from a kept run.
 
 Cases alternate and the best loop of ``--repeat`` is kept (the machine is shared and noisy); the auto
 runs reuse the profile of the first even run of their case. Reported per case: the split, the
@@ -53,7 +55,7 @@ def run(n: int, out: str, extra: list[str]) -> tuple[dict, float, str]:
         return json.load(f), wall, res.stderr
 
 
-def predict(trace: str, stats: dict, cfg_args: dict, counts: list[int]) -> dict:
+def predict(trace: str, stats: dict, cfg_args: dict, counts: list[int], decode_rank: int) -> dict:
     """The simulator's loop time for ``counts``, calibrated on the even run (its trace and its loop)."""
     import simulate
     from dualpar import schedule as sch
@@ -65,11 +67,17 @@ def predict(trace: str, stats: dict, cfg_args: dict, counts: list[int]) -> dict:
     model = simulate.calibrate(trace, cal, per_rank=True)
     blocks, _, nc, st, tpf, _ = simulate.plan_for(frames, block, num_cat, steps, len(counts), sum(counts), hw)
 
-    def loop(c):
-        return simulate.simulate(blocks, st, nc, tpf, sch.split_layers(sum(c), len(c), c), model)["wall_s"]
+    # The decoding runs on the writer thread, behind a queue of output.queue_blocks (8) blocks: its
+    # traced spans give its time per block; the ranks' spans it slowed give each rank its own layer
+    # coefficients.
+    events = json.load(open(trace))["traceEvents"]
+    spans = [e["dur"] / 1e6 for e in events if e.get("ph") == "X" and e.get("cat") == "decode"]
+    decode = (decode_rank, sum(spans) / max(len(spans), 1), 8)
 
-    # The decoding runs on the writer thread: its cost is in the traced spans it slowed (each rank its
-    # own layer coefficients), not a span of its own.
+    def loop(c):
+        return simulate.simulate(blocks, st, nc, tpf, sch.split_layers(sum(c), len(c), c), model,
+                                 decode=decode)["wall_s"]
+
     raw, raw_even = loop(counts), loop(even)
     return {"predicted_loop_s": raw, "predicted_even_loop_s": raw_even}
 
@@ -81,7 +89,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="89 frames at 32x48, one repeat (for tests)")
     p.add_argument("--json", help="write every run and the summary here")
     p.add_argument("--keep", help="keep the runs (videos, traces, profiles) here instead of a temporary directory")
+    p.add_argument("--repredict", action="store_true",
+                   help="no runs: the simulator's predictions again from --json's runs and the traces in --keep")
     args = p.parse_args()
+    from dualpar import schedule as sch
     from dualpar.config import load_config
 
     cfg = load_config(CONFIG)
@@ -97,6 +108,20 @@ def main() -> None:
     cases = [("3 ranks, even", 3, "first", False), ("3 ranks, auto", 3, "first", True),
              ("2 ranks, even, decode first", 2, "first", False), ("2 ranks, auto, decode first", 2, "first", True),
              ("2 ranks, even, decode last", 2, "last", False), ("2 ranks, auto, decode last", 2, "last", True)]
+    if args.repredict:
+        if not (args.json and args.keep):
+            p.error("--repredict needs --json (the earlier run's figures) and --keep (its traces)")
+        with open(args.json) as f:
+            data = json.load(f)
+        best = {r["case"]: r for r in data["best"]}
+        even_split = {n: [b - a for a, b in sch.split_layers(8, n)] for n in (2, 3)}
+        for name, n, where, auto in cases:
+            if auto:
+                trace = os.path.join(args.keep, f"trace-{n}-{where}.json")
+                best[name].update(predict(trace, {"layers": even_split[n]}, geom, best[name]["layers"],
+                                          0 if where == "first" else n - 1))
+        report(cases, best, data["runs"], args)
+        return
     best: dict[str, dict] = {}
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -132,7 +157,12 @@ def main() -> None:
         for name, n, where, auto in cases:
             if auto:
                 even = best[name.replace("auto", "even")]
-                best[name].update(predict(even["trace"], even["calib"], geom, best[name]["layers"]))
+                best[name].update(predict(even["trace"], even["calib"], geom, best[name]["layers"],
+                                          0 if where == "first" else n - 1))
+    report(cases, best, runs, args)
+
+
+def report(cases, best, runs, args) -> None:
     print(f"\n{'case':<30} {'split':>6} {'loop s':>7} {'vs even':>7} {'end to end s':>12} {'wall s':>7} "
           f"{'decode s':>8} {'predicted loop':>14}  idle per rank")
     summary = []

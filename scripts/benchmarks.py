@@ -875,9 +875,17 @@ def render_balance(data: dict, ctx: Ctx) -> str:
         "profile (the even split, measuring the profile); *auto* takes the split that profile gives. End to end: "
         "the run's own time (text encoder, loop, the last blocks' decoding); launcher wall: with torchrun and "
         "imports. Decoding s: the writer thread's decode-and-write time on the rank that decodes. Simulator's loop: "
-        "the event model fitted on the even run (its trace, and one factor for what it does not model: the "
-        "writer thread's share of the cores the ranks share), predicting the auto run. Idle = 1 - busy / loop.", "",
+        "the event model fitted on the even run's trace (each rank its own layer coefficients, and the writer "
+        "thread behind its queue of 8 blocks at its traced time per block), predicting the auto run. "
+        "Idle = 1 - busy / loop.", "",
         *table, "",
+        f"Reading: here the writer thread needs {min(r['decode_s'] for r in data['best']):.0f}-"
+        f"{max(r['decode_s'] for r in data['best']):.0f} s to decode and write a video whose loop takes "
+        f"{min(r['loop_s'] for r in data['best']):.0f}-{max(r['loop_s'] for r in data['best']):.0f} s: the VAE, "
+        "not a stage, sets the pace (its queue fills and the rank feeding it waits), on whichever rank it runs, and "
+        "it takes one of the two cores every rank shares. So no split does better than the even one (the auto rows "
+        "are within this machine's run-to-run noise of about 10%), and the simulator, which models the writer's "
+        "queue, predicts as much. On GPUs the VAE is a small part of a stage's work: see the projection.", "",
         "### Projected on 8 GPUs", "", simulate.balance_markdown(data["projection"])])
 
 

@@ -81,10 +81,13 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
              packet_bytes_per_token=HOP["packet_bytes_per_token"], full=None, level="model", decode=None):
     """Predicted loop wall time and idle fraction per rank.
 
-    ``layers``: the split (a contiguous range per ring rank). ``decode``: ``(rank, seconds per block)``,
-    the rank that decodes and writes each finished block (``output.decode_on``: 0, the last ring rank,
-    or ``len(layers)``, an extra rank off the ring) and its cost; the block reaches it when rank 0 has
-    applied its last step, and the decoding occupies that rank before its next task.
+    ``layers``: the split (a contiguous range per ring rank). ``decode``: ``(rank, seconds per block)``
+    or ``(rank, seconds per block, queue)``: the rank that decodes and writes each finished block
+    (``output.decode_on``: 0, the last ring rank, or ``len(layers)``, an extra rank off the ring) and
+    its cost. The block reaches it when rank 0 has applied its last step. Without ``queue`` the
+    decoding occupies that rank before its next task (a device it shares); with it, the rank's writer
+    thread decodes on a core of its own, and the rank waits only when ``queue`` blocks are already
+    waiting for it (``output.queue_blocks``).
 
     ``full``: per step, computed (True) or forecast (timestep feature caching, see
     ``dualpar.schedule.full_steps``). At ``level`` ``model`` a forecast task never enters the ring:
@@ -116,11 +119,21 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
         nq, _ = task_tokens(task, blocks, num_cat, steps, tpf)
         return latency_s + nq * packet_bytes_per_token / bandwidth
 
+    writer = []  # background writer: when each block's decoding ends
+
     def decode_block(t):
-        if decode is not None:
-            r, cost = decode
-            free[r] = max(free[r], t + (latency_s if r else 0.0)) + cost
+        if decode is None:
+            return
+        r, cost = decode[0], decode[1]
+        arrive = t + (latency_s if r else 0.0)
+        if len(decode) < 3:
+            free[r] = max(free[r], arrive) + cost
             busy[r] += cost
+            return
+        queue = decode[2]
+        if r < world and len(writer) >= queue:  # a full queue: the rank waits for the oldest one's turn
+            free[r] = max(free[r], writer[-queue])
+        writer.append(max(writer[-1] if writer else 0.0, arrive) + cost)
 
     def apply_upto(need):
         nonlocal applied
@@ -162,7 +175,7 @@ def simulate(blocks, steps, num_cat, tpf, layers, model, latency_s=HOP["latency_
             if task.last_step:
                 decode_block(free[0])
     apply_upto(len(tasks) - 1)
-    wall = max(free)
+    wall = max(free)  # the loop: the writer's last blocks are decoded after it (end to end, not the loop)
     return {"wall_s": wall, "idle": [1 - b / wall for b in busy]}
 
 

@@ -230,5 +230,14 @@ def test_memory_table_is_printed(root):
     rows = [ln for ln in table if ln.startswith("| Wan2.1-")]
     assert len(rows) == 4 and all(len(r.split("|")) == len(header.split("|")) for r in rows)
     # and the projection with feature caching: both models, none and both levels at intervals 2-4
-    cache = [ln for ln in lines[start + len(table):] if ln.startswith("| Wan2.1-")]
+    def table_after(head):
+        i = next(k for k, ln in enumerate(lines) if ln.startswith(head))
+        rest = lines[i:]
+        return [ln for ln in rest[:next((k for k, ln in enumerate(rest) if not ln.startswith("|")), len(rest))]
+                if ln.startswith("| Wan2.1-")]
+
+    cache = table_after("| model | level | interval |")
     assert len(cache) == 2 * 7 and all(" none | 1 | 100% |" in ln for ln in cache[::7])
+    # and balanced stages: both models, two VAE speeds, decoding first/last/extra, even and auto
+    balance = table_after("| model | VAE at |")
+    assert len(balance) == 2 * 2 * 3 * 2 and sum(" | auto | " in ln for ln in balance) == 12
