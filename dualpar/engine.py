@@ -144,8 +144,9 @@ class Engine:
         Rank 0 hands finished blocks to ``writer``. Every ``checkpoint_every``
         iterations, and when ``should_stop()`` turns true, rank 0 lets the ring
         drain at the iteration boundary and calls ``checkpoint(state)``; on a stop
-        it first tells the other ranks to stop at that boundary. ``between()`` runs before each of
-        the other ranks' tasks (the last rank, when it is the output rank, takes the blocks that came).
+        it first tells the other ranks to stop at that boundary. ``between(task)`` runs before each
+        of the other ranks' tasks (the last rank, when it writes the output, takes the blocks rank 0
+        sent before that task).
         """
         if self.comm.is_first:
             state = state or DenoiseState(self.cfg, self.plan, self.stage.model.out_channels, self.comm.device)

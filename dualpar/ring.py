@@ -58,8 +58,6 @@ class RunStats:
     layers_s: float = 0.0
     """Of ``compute_s``, the time in this rank's layers (the rest: embedding and scheduler steps on rank 0,
     the head on the last rank)."""
-    output_s: float = 0.0
-    """Time this rank spent decoding and writing finished blocks (the output rank), on its own thread or not."""
     forecasts: int = 0
     """Tasks whose prediction rank 0 forecast instead of sending them around the ring (``cache.level=model``)."""
     peak_cache_bytes: int = 0
