@@ -631,12 +631,17 @@ class OutputSender:
     def block(self, b: int, latents: torch.Tensor) -> None:
         self.comm.send(latents.to(torch.float32).contiguous(), self.dst, KIND_BLOCK, b)
 
+    def _marker(self, next_block: int, mark: int, value: float = 0.0) -> None:
+        """A message in block ``next_block``'s place, tagged ``mark``, carrying ``value``."""
+        comm, shape = self.comm, self.shapes[next_block]
+        link = comm._acquire(self.dst, KIND_BLOCK, message_bytes(shape, torch.float32))
+        link.bufs[link.next][:8].view(torch.float64).fill_(value)
+        comm._send_tagged(payload_bytes(shape, torch.float32), self.dst, KIND_BLOCK, next_block, mark)
+
     def checkpoint(self, next_block: int, data: bytes) -> None:
         """A checkpoint before block ``next_block``: the marker, then ``data`` (the engine's state)."""
         comm = self.comm
-        comm._acquire(self.dst, KIND_BLOCK, message_bytes(self.shapes[next_block], torch.float32))
-        comm._send_tagged(payload_bytes(self.shapes[next_block], torch.float32), self.dst, KIND_BLOCK, next_block,
-                          KIND_CHECKPOINT)
+        self._marker(next_block, KIND_CHECKPOINT)
         size = torch.tensor([len(data)], dtype=torch.int64, device=comm.wire)
         body = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(comm.wire)
         for t in (size, body):  # not waited for here: the output rank takes them between its own tasks
@@ -651,11 +656,7 @@ class OutputSender:
 
     def stop(self, next_block: int, signum: int) -> None:
         """The run stops before block ``next_block`` (``signum``: the signal that stopped it)."""
-        comm = self.comm
-        link = comm._acquire(self.dst, KIND_BLOCK, message_bytes(self.shapes[next_block], torch.float32))
-        link.bufs[link.next][:8].view(torch.float64).fill_(float(signum))
-        comm._send_tagged(payload_bytes(self.shapes[next_block], torch.float32), self.dst, KIND_BLOCK, next_block,
-                          KIND_STOP)
+        self._marker(next_block, KIND_STOP, float(signum))
 
     def flush(self) -> None:
         for work, _, oid in self._pending:

@@ -48,9 +48,6 @@ class Plan(Geometry):
         """Whether the task goes around the ring (a forecast of the whole model does not)."""
         return task.full or not self.model_level
 
-    def ring_tasks(self, start_iteration: int = 0) -> list[sch.Task]:
-        return [t for t in self.tasks if t.iteration >= start_iteration and self.on_ring(t)]
-
     def shape(self, task: sch.Task) -> BlockShape:
         lay = sch.layout(task, self.blocks, self.cfg.parallel.num_cat, self.cfg.sampling.steps)
         if lay.extra and self.cfg.cache.neighbour == "drop" and not self.full[task.step - 1]:

@@ -77,8 +77,7 @@ class Job:
 
     def _work_units(self, plan) -> tuple[int, int]:
         """(tasks each ring rank computes, blocks written) in one video of this plan."""
-        tasks = plan.ring_tasks() if hasattr(plan, "ring_tasks") else plan.tasks
-        return len(tasks), len(plan.blocks)
+        return len(plan.ring_tasks()), len(plan.blocks)
 
     def _initial_split(self, plan) -> list[int] | None:
         """``parallel.split=auto``: the best split under the profile stored for this setup (rank 0 reads
@@ -252,7 +251,7 @@ class Job:
                     if comm.on_ring:  # what rank 0 sent before each of this rank's tasks
                         plan = engine.plan
                         points = output_points(plan, [t for t in plan.tasks if t.iteration >= start],
-                                               getattr(plan, "on_ring", lambda t: True), engine.in_flight,
+                                               plan.on_ring, engine.in_flight,
                                                cfg.output.checkpoint_every if resumable else 0)
                     server = OutputServer(OutputReceiver(comm, shapes, first=blocks_before), writer,
                                           make_checkpointer if resumable else None, points)

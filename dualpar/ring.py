@@ -222,6 +222,14 @@ class Geometry:
     def pred_shape(self, task, channels: int) -> tuple[int, ...]:
         return (1, channels, self.blocks[self.block_of(task)].frames, self.lat_h, self.lat_w)
 
+    def on_ring(self, task) -> bool:
+        """Whether the task goes around the ring (every task does, unless a mode forecasts some)."""
+        return True
+
+    def ring_tasks(self, start_iteration: int = 0) -> list:
+        """The tasks the ranks after the first work on, from ``start_iteration``."""
+        return [t for t in self.tasks if t.iteration >= start_iteration and self.on_ring(t)]
+
     def finished_by(self, task) -> int | None:
         """The block (chunk) whose clean latents rank 0 has once this task's prediction is applied."""
         return task.block if task.last_step else None
