@@ -217,17 +217,21 @@ class CausalEngine:
         texts = comm.broadcast(texts, src=0)
         self.stage.model.set_texts([t.to(self.model.device) for t in texts])
 
+    def new_state(self, cfg: Config) -> "CausalState":
+        """Rank 0's state at the start of a video of ``cfg`` (its seed; the job's geometry)."""
+        return CausalState(cfg, self.plan, self.model.out_channels, self.comm.device)
+
     @torch.no_grad()
     def generate(self, writer=None, progress=None, keep_latents: bool = False, *, state=None, checkpoint=None,
                  checkpoint_every: int = 0, should_stop=None, between=None) -> RunStats:
         """Run every pass; rank 0 hands each chunk to ``writer`` once clean.
 
         ``should_stop()`` turning true stops the run at the next iteration
-        boundary (causal runs take no checkpoints: ``state``/``checkpoint`` are unused).
+        boundary (causal runs take no checkpoints: ``checkpoint`` is unused; ``state``: rank 0's, fresh).
         """
         self.stage.reset(self.cfg, self.plan.batch, self.plan.lat_h, self.plan.lat_w)
         if self.comm.is_first:
-            return self._run_first(writer, progress, keep_latents, should_stop)
+            return self._run_first(state or self.new_state(self.cfg), writer, progress, keep_latents, should_stop)
         return self._run_other(between)
 
     def _run_other(self, between=None) -> RunStats:
@@ -281,8 +285,7 @@ class CausalEngine:
     def head(self, packet: torch.Tensor, task) -> torch.Tensor:
         return self.stage.model.head(packet, self.plan.shape(task), self.cfg.sampling.guidance)
 
-    def _run_first(self, writer, progress, keep_latents, should_stop) -> RunStats:
-        state = CausalState(self.cfg, self.plan, self.model.out_channels, self.comm.device)
+    def _run_first(self, state: "CausalState", writer, progress, keep_latents, should_stop) -> RunStats:
         st = run_first(self, self.comm, state, self.plan.tasks, 0, writer, progress, keep_latents,
                        should_stop=should_stop)
         st.cache_bytes = self.stage.cache_bytes()

@@ -218,8 +218,6 @@ def config_for_resume(args: argparse.Namespace) -> Config:
     """The interrupted run's config (its manifest), with any options given now checked against it."""
     import json
 
-    from . import checkpoint
-
     pid = rundir.holder(args.resume)
     if pid is not None:
         raise ConfigError(f"--resume {args.resume}: the run is still going (pid {pid}); stop it first (SIGTERM "
@@ -246,27 +244,36 @@ def config_for_resume(args: argparse.Namespace) -> Config:
     if diff:
         raise ConfigError(f"--resume {args.resume}: options differ from the run being resumed ({'; '.join(diff)})")
     cfg.output.out = args.resume
-    if not os.path.isfile(os.path.join(args.resume, checkpoint.FILE)):
-        raise ConfigError(f"--resume {args.resume}: no checkpoint yet (the run stopped before its first one); "
-                          "start it again instead")
-    try:
-        meta = checkpoint.read_meta(args.resume)
-    except checkpoint.ResumeError as e:
-        raise ConfigError(str(e)) from None
-    if meta.get("run_id") != manifest.get("created_at"):
-        raise ConfigError(f"--resume {args.resume}: {checkpoint.FILE} belongs to another run than manifest.json")
-    from . import schedule
+    problem = checkpoint_problem(args.resume, manifest)
+    if problem:
+        raise ConfigError(f"--resume {args.resume}: {problem}")
+    return cfg
 
-    blocks = len(schedule.split_blocks(cfg.video.latent_frames, cfg.parallel.block))
-    last = schedule.num_iterations(blocks, cfg.sampling.steps)
+
+def checkpoint_problem(out: str, manifest: dict) -> str | None:
+    """Why the checkpoint in the run directory ``out`` cannot continue the run ``manifest`` describes
+    (None: it can). Reads the checkpoint's JSON part only."""
+    from . import checkpoint, schedule
+
+    if not os.path.isfile(os.path.join(out, checkpoint.FILE)):
+        return "no checkpoint yet (the run stopped before its first one); start it again instead"
+    try:
+        meta = checkpoint.read_meta(out)
+    except checkpoint.ResumeError as e:
+        return str(e).removeprefix(f"--resume {out}: ")
+    if meta.get("run_id") != manifest.get("created_at"):
+        return f"{checkpoint.FILE} belongs to another run than manifest.json"
+    base = Config.from_dict(manifest["config"])
+    blocks = len(schedule.split_blocks(base.video.latent_frames, base.parallel.block))
+    last = schedule.num_iterations(blocks, base.sampling.steps)
     it = (meta.get("engine") or {}).get("iteration")
     if not isinstance(it, int) or not 0 < it < last:
-        raise ConfigError(f"--resume {args.resume}: {checkpoint.FILE} says iteration {it!r}, not in [1, {last}) "
-                          "for this run; the file is damaged or was edited")
+        return (f"{checkpoint.FILE} says iteration {it!r}, not in [1, {last}) for this run; the file is damaged "
+                "or was edited")
     diff = base.differences(Config.from_dict(meta["config"]), ignore=RESUMABLE_CHANGES)
     if diff:
-        raise ConfigError(f"--resume {args.resume}: the checkpoint's config differs from the manifest's ({'; '.join(diff)})")
-    return cfg
+        return f"the checkpoint's config differs from the manifest's ({'; '.join(diff)})"
+    return None
 
 
 def validated_config(args: argparse.Namespace, world: int) -> Config:

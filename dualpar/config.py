@@ -46,8 +46,9 @@ CachePolicy = Literal["none", "reuse", "taylor", "newton"]
 CacheLevel = Literal["model", "stage"]
 """What is forecast: the whole noise prediction on rank 0, or each rank's own stage residual."""
 NeighbourKV = Literal["reuse", "drop"]
-DecodeOn = Literal["first", "last", "extra"]
 """What an older block attends to when its newer neighbour's step was forecast (no fresh K/V)."""
+DecodeOn = Literal["first", "last", "extra"]
+"""Which rank decodes and writes the video (``output.decode_on``)."""
 VAE_TEMPORAL = 4  # Wan VAE: one latent frame per 4 frames (plus the first)
 VAE_SPATIAL = 8
 
@@ -55,6 +56,8 @@ VAE_SPATIAL = 8
 RESUMABLE_CHANGES = ("output.out", "output.progress", "output.queue_blocks", "output.checkpoint_every",
                      "parallel.timeout_s", "parallel.join_timeout_s", "parallel.split", "parallel.profile",
                      "output.decode_on")
+PER_VIDEO = ("sampling.prompt", "sampling.seed", "sampling.negative_prompt", "output.out")
+"""Keys the videos of one job may differ in without rebuilding its engine (anything else: a new job)."""
 
 
 MAX_FRAMES = 4 * 65536 + 1

@@ -131,6 +131,10 @@ class Engine:
         text = self.comm.broadcast(text, src=0)
         self.stage.model.set_text(text.to(self.stage.model.device))
 
+    def new_state(self, cfg: Config) -> "DenoiseState":
+        """Rank 0's state at the start of a video of ``cfg`` (its seed; the job's geometry)."""
+        return DenoiseState(cfg, self.plan, self.stage.model.out_channels, self.comm.device)
+
     # -- the loop --------------------------------------------------------------
 
     @torch.no_grad()
@@ -146,7 +150,7 @@ class Engine:
         sent before that task).
         """
         if self.comm.is_first:
-            state = state or DenoiseState(self.cfg, self.plan, self.stage.model.out_channels, self.comm.device)
+            state = state or self.new_state(self.cfg)
             self.comm.broadcast_int(state.iteration)
             return self._run_first(state, writer, progress, keep_latents, checkpoint, checkpoint_every, should_stop)
         return self._run_other(self.comm.broadcast_int(None), checkpoint_every, between)

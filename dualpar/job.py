@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 
-from .config import RESUMABLE_CHANGES, Config
+from .config import PER_VIDEO, RESUMABLE_CHANGES, Config
 from .output import rundir
 
 
@@ -219,13 +219,12 @@ class Job:
 
         from . import checkpoint
         from .comm import OutputReceiver, OutputSender, PeerError
-        from .engine import DenoiseState
         from .models import loader
         from .output.remote import OutputServer, RemoteWriter
         from .progress import Progress
         from .ring import log, output_points
 
-        changed = self.cfg.differences(cfg, ignore=("sampling.prompt", "output.out") + RESUMABLE_CHANGES)
+        changed = self.cfg.differences(cfg, ignore=PER_VIDEO + RESUMABLE_CHANGES)
         if changed:
             raise ValueError(f"a job's videos share its model and geometry; cannot change {', '.join(changed)}")
         engine, comm, rank, out = self.engine, self.comm, self.rank, cfg.output.out
@@ -256,8 +255,7 @@ class Job:
                     server = OutputServer(OutputReceiver(comm, shapes, first=blocks_before), writer,
                                           make_checkpointer if resumable else None, points)
             if comm.is_first:
-                if not self.causal:
-                    state = DenoiseState(cfg, engine.plan, engine.stage.model.out_channels, comm.device)
+                state = engine.new_state(cfg)  # the video's own seed
                 if resume_run:
                     state.load_state_dict(*checkpoint.load_parts(out, ("engine",))["engine"])
                     log(0, f"resuming {out} at iteration {state.iteration} ({state.blocks_done} blocks, "

@@ -63,34 +63,32 @@ class Progress:
 
 
 class BatchProgress:
-    """The Ray driver's one line for a whole job: frames written over all its videos, read from each
-    video's manifest (the actors draw no bars: forwarded through Ray, redraws become noise)."""
+    """The Ray driver's one bar for a whole batch: frames written over all its videos (read from each
+    video's manifest; its rate is the cluster's frames per second), and how many videos are done,
+    running and failed. The actors draw no bars: forwarded through Ray, redraws become noise."""
 
-    def __init__(self, outs: list[str], frames_per_video: int):
-        self.outs, self.per_video = outs, frames_per_video
-        self.frames = [0] * len(outs)
+    def __init__(self, outs: list[str], frames: list[int]):
+        self.outs = outs
         self.stream = sys.stderr
-        self.bar = tqdm(total=len(outs) * frames_per_video, desc=f"[driver] {len(outs)} video(s)", unit="frame",
-                        file=self.stream, dynamic_ncols=True, smoothing=0.1)
+        self._read()
+        # what an earlier run wrote counts as done from the start: the rate is this run's
+        self.bar = tqdm(total=sum(frames), initial=sum(self.frames), desc=f"[driver] {len(outs)} video(s)",
+                        unit="frame", file=self.stream, dynamic_ncols=True, smoothing=0.1)
         # Ray prints the actors' lines to the driver's stdout/stderr: whole lines, above the bar
         self.saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _AboveBar(sys.stdout, self.bar), _AboveBar(sys.stderr, self.bar)
 
-    def poll(self) -> None:
-        import json
-        import os
-
+    def _read(self) -> None:
         from .output import rundir
 
-        for i, out in enumerate(self.outs):
-            try:
-                with open(os.path.join(out, rundir.MANIFEST)) as f:
-                    self.frames[i] = int(json.load(f).get("frames_written", 0))
-            except (OSError, ValueError):
-                pass  # not started yet, or being replaced this instant
-        busy = next((i for i, f in enumerate(self.frames) if f < self.per_video), len(self.outs) - 1)
+        self.frames = [rundir.read_frames_made(out) for out in self.outs]
+
+    def poll(self, counts: dict[str, int]) -> None:
+        """Redraw with the frames on disk now and ``counts`` (videos per status)."""
+        self._read()
         self.bar.update(sum(self.frames) - self.bar.n)
-        self.bar.set_postfix_str(f"video {busy + 1}/{len(self.outs)}", refresh=True)
+        self.bar.set_postfix_str(f"{counts.get('complete', 0)} done, {counts.get('running', 0)} running, "
+                                 f"{counts.get('failed', 0)} failed", refresh=True)
 
     def close(self) -> None:
         for wrapped in (sys.stdout, sys.stderr):

@@ -1,4 +1,5 @@
-"""Ray jobs: the same latents as launch/gen.py's ranks, several prompts per job, a dead actor fails the job cleanly."""
+"""Ray jobs: the same latents as launch/gen.py's ranks, several prompts per job, a dead actor fails the job
+cleanly; batches over several pipelines, with a killed actor or driver (issue 15)."""
 
 import json
 import os
@@ -89,7 +90,8 @@ def test_prompt_file_two_videos_one_model_load_each_equal_to_torchrun(root, clus
 def test_killing_an_actor_fails_the_job_cleanly(root, cluster, tmp_path):
     out = tmp_path / "run"
     # one block may wait for the writer: denoising cannot finish far ahead of what is on disk
-    args = ["--frames", "161", "--set", "parallel.timeout_s=30", "--set", "output.queue_blocks=1", "--out", str(out)]
+    args = ["--frames", "161", "--set", "parallel.timeout_s=30", "--set", "output.queue_blocks=1", "--attempts", "1",
+            "--out", str(out)]
     p = ray_job(root, cluster, args)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True)
@@ -149,3 +151,158 @@ def test_a_batch_with_split_auto_rebalances_after_the_first_video(root, cluster,
         _, ref = read_blocks(tmp_path / f"gen-{i}")
         _, got = read_blocks(tmp_path / "batch" / f"prompt-{i:03d}")
         assert len(got) == len(ref) == 5 and all(torch.equal(x, y) for x, y in zip(got, ref)), i
+
+
+# -- batches over several pipelines (issue 15) ------------------------------------------------------
+
+_REFS = {}
+
+
+def reference(root, tmp_path_factory, prompt, seed, frames=89):
+    """The latents launch/gen.py (one rank) makes of ``prompt`` and ``seed``: the independent reference."""
+    key = (prompt, seed, frames)
+    if key not in _REFS:
+        out = tmp_path_factory.mktemp("ref") / "run"
+        launch(root, 1, out, ["--prompt", prompt, "--seed", str(seed), "--frames", str(frames)])
+        _REFS[key] = read_blocks(out)[1]
+    return _REFS[key]
+
+
+def batch_job(root, cluster, args, world=1):
+    cmd = [sys.executable, os.path.join(root, "launch", "ray_job.py"), "--address", cluster, "--world-size",
+           str(world), *ARGS, *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            start_new_session=True)
+
+
+def equal(got, ref):
+    return len(got) == len(ref) and all(torch.equal(x, y) for x, y in zip(got, ref))
+
+
+LINES = [{"prompt": "a red circle moving right on a dark blue background", "seed": 1},
+         {"prompt": "a yellow square bouncing down on a black background", "seed": 2, "out": "square"},
+         {"prompt": "a green triangle moving left on a grey background", "seed": 3},
+         "a blue circle moving up on a white background"]
+
+
+def write_lines(path, lines):
+    path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines))
+
+
+def video_dirs(batch_dir, lines):
+    return [batch_dir / (x["out"] if isinstance(x, dict) and "out" in x else f"prompt-{i:03d}")
+            for i, x in enumerate(lines)]
+
+
+def test_two_pipelines_share_a_batch_of_four_each_video_equal_to_gen_py(root, cluster, tmp_path, tmp_path_factory):
+    prompts = tmp_path / "prompts.jsonl"
+    write_lines(prompts, LINES)
+    out = tmp_path / "batch"
+    p = batch_job(root, cluster, ["--replicas", "auto", "--no-decode", "--prompts", str(prompts), "--out", str(out)])
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "4 of 4 video(s) to make on 2 pipeline(s) of 1 rank(s)" in err, err[-3000:]  # auto: 2 CPUs, 1 rank each
+    record = json.loads((out / "batch.json").read_text())
+    assert record["counts"] == {"complete": 4, "running": 0, "failed": 0, "pending": 0}
+    assert {e["pipeline"] for e in record["videos"]} == {0, 1}  # both pipelines did work
+    assert all(e["attempts"] == 1 and e["frames_written"] == 89 and e["wall_s"] > 0 for e in record["videos"])
+    # each pipeline built its engine once, for all the videos it made
+    assert err.count("[rank 0] layers [0, 8)") == 2, err[-3000:]
+    for x, d in zip(LINES, video_dirs(out, LINES)):
+        prompt, seed = (x["prompt"], x["seed"]) if isinstance(x, dict) else (x, 11)  # 11: ARGS's seed
+        assert equal(read_blocks(d)[1], reference(root, tmp_path_factory, prompt, seed)), d
+    assert "[driver] batch:" in err and "[driver] 4 of 4 video(s) complete" in err, err[-3000:]
+
+
+def wait_for(cond, timeout, what):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+SLOW = ["--frames", "257", "--set", "output.queue_blocks=1", "--set", "output.checkpoint_every=4",
+        "--set", "parallel.timeout_s=20"]  # decoding on: a video takes seconds, with checkpoints on the way
+
+
+def test_killing_a_pipelines_actor_mid_video_the_batch_completes_and_the_video_resumes(
+        root, cluster, tmp_path, tmp_path_factory):
+    lines = LINES[:2]
+    prompts = tmp_path / "prompts.jsonl"
+    write_lines(prompts, lines)
+    out = tmp_path / "batch"
+    dirs = video_dirs(out, lines)
+    p = batch_job(root, cluster, [*SLOW, "--replicas", "2", "--prompts", str(prompts), "--out", str(out)])
+    err_lines = []
+    reader = threading.Thread(target=lambda: err_lines.extend(p.stderr), daemon=True)
+    reader.start()
+    wait_for(lambda: (dirs[0] / "checkpoint.safetensors").is_file()
+             and read_json(dirs[0] / "manifest.json").get("blocks_written", 0) >= 2, 240, "video 0's checkpoint")
+    err = "".join(err_lines)
+    pipe = re.search(r"\[pipeline (\d+)\] video 0 \(line 1\) started", err).group(1)
+    pid = re.search(rf"\[pipeline {pipe}\] 1 actor\(s\) on CPU: rank 0: pid (\d+)", err).group(1)
+    before = {f.name: f.read_bytes() for f in (dirs[0] / "latents").iterdir() if f.suffix == ".safetensors"}
+    os.kill(int(pid), signal.SIGKILL)
+    p.wait(timeout=300)
+    reader.join(timeout=10)
+    err = "".join(err_lines)
+    assert p.returncode == 0, err[-3000:]
+    assert re.search(rf"\[pipeline {pipe}\] video 0 \(line 1\) failed after [0-9.]+ s: rank 0's actor died", err), \
+        err[-3000:]
+    assert "2 attempt(s) left" in err and "failed after 1 attempt(s)" not in err, err[-3000:]
+    assert "video 0 (line 1) resumed at its checkpoint, attempt 2" in err, err[-3000:]
+    assert f"[pipeline {pipe}] 1 actor(s) on CPU (placed again, build 2)" in err, err[-3000:]
+    record = json.loads((out / "batch.json").read_text())
+    assert [e["status"] for e in record["videos"]] == ["complete", "complete"]
+    assert [e["attempts"] for e in record["videos"]] == [2, 1]
+    # the interrupted video is exactly its uninterrupted run, and what it wrote before the kill is still there
+    for x, d in zip(lines, dirs):
+        assert equal(read_blocks(d)[1], reference(root, tmp_path_factory, x["prompt"], x["seed"], 257)), d
+    man = json.loads((dirs[0] / "manifest.json").read_text())
+    kept = {b["latents"].split("/")[-1] for b in man["blocks"]}
+    assert before and set(before) <= kept
+    import av
+
+    with av.open(str(dirs[0] / "video.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 257
+
+
+def test_killing_the_driver_and_running_it_again_makes_only_the_unfinished_videos(
+        root, cluster, tmp_path, tmp_path_factory):
+    lines = LINES[:3]
+    prompts = tmp_path / "prompts.jsonl"
+    write_lines(prompts, lines)
+    out = tmp_path / "batch"
+    dirs = video_dirs(out, lines)
+    args = [*SLOW, "--replicas", "1", "--prompts", str(prompts), "--out", str(out)]
+    p = batch_job(root, cluster, args)
+    wait_for(lambda: read_json(dirs[0] / "manifest.json").get("status") == "complete"
+             and (dirs[1] / "checkpoint.safetensors").is_file(), 240, "video 0 done, video 1 checkpointed")
+    first = read_json(dirs[0] / "manifest.json")
+    os.killpg(p.pid, signal.SIGKILL)  # the driver, with nothing to clean up
+    p.communicate(timeout=30)
+    from dualpar.output import rundir
+
+    # Ray ends a dead driver's actors: the run they held is unlocked
+    wait_for(lambda: rundir.holder(str(dirs[1])) is None, 60, "the driver's actors to go")
+    assert read_json(dirs[1] / "manifest.json").get("status") == "running"
+    p = batch_job(root, cluster, args)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert "video 0 (line 1): already complete" in err and "video 0 (line 1) started" not in err, err[-3000:]
+    assert "video 1 (line 2) resumed at its checkpoint" in err, err[-3000:]
+    assert "video 2 (line 3) started, attempt 1" in err and "2 of 3 video(s) to make" in err, err[-3000:]
+    assert read_json(dirs[0] / "manifest.json") == first  # not touched
+    record = json.loads((out / "batch.json").read_text())
+    assert [e["status"] for e in record["videos"]] == ["complete"] * 3
+    for x, d in zip(lines, dirs):
+        assert equal(read_blocks(d)[1], reference(root, tmp_path_factory, x["prompt"], x["seed"], 257)), d

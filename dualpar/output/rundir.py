@@ -31,6 +31,25 @@ def block_file(block_id: int) -> str:
     return f"{LATENTS}/block_{block_id:05d}.safetensors"
 
 
+def frames_made(manifest: dict) -> int:
+    """The frames a run has made so far, by its manifest: those in the MP4, or (a run that does not
+    decode) those whose latents are written."""
+    if manifest.get("video") is None and manifest.get("blocks"):
+        return sum(int(b.get("frames", 0)) for b in manifest["blocks"])
+    return int(manifest.get("frames_written", 0))
+
+
+def read_frames_made(path: str) -> int:
+    """:func:`frames_made` of the run in ``path``; 0 while it has no readable manifest."""
+    import json
+
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            return frames_made(json.load(f))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0  # not started yet, or being replaced this instant
+
+
 def foreign(path: str) -> list[str]:
     """Entries of ``path`` that no run of ours writes (relative names; empty for a new directory)."""
     if not os.path.isdir(path):
