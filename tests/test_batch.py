@@ -127,3 +127,20 @@ def test_batch_json_keeps_an_earlier_runs_figures_for_its_complete_videos(tmp_pa
     again = batch.Record(str(root), videos)  # the next run of the same batch
     assert (again.entries[0]["pipeline"], again.entries[0]["attempts"], again.entries[0]["wall_s"]) == (1, 2, 12.5)
     assert again.entries[1]["status"] == "pending"  # what to do with it is the new run's decision
+
+
+def test_the_kuberay_example_runs_a_command_line_the_driver_takes(root):
+    """configs/kuberay-rayjob.yaml's entrypoint parses as ray_job.py options, with its config file."""
+    import shlex
+
+    import yaml
+
+    docs = list(yaml.safe_load_all(open(os.path.join(root, "configs", "kuberay-rayjob.yaml"))))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["python", "/app/launch/ray_job.py"]
+    args = ray_launch.parse(argv[2:])
+    assert (args.world_size, args.replicas, args.attempts) == (8, "auto", 3) and args.prompts.endswith(".jsonl")
+    assert os.path.isfile(os.path.join(root, args.config.removeprefix("/app/")))
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert workers["resources"]["limits"]["nvidia.com/gpu"] == str(args.world_size)  # one pipeline per pod
