@@ -328,9 +328,9 @@ def drive(ray, args, videos: list, starts: list, root: str, replicas: int | str)
         say(f"error: the cluster's {'GPUs' if gpus else 'CPUs'} cannot hold one pipeline of {n} rank(s)")
         ray.shutdown()
         return 1
-    m = min(m, max(1, len(queue)))  # a pipeline with nothing to do would only hold resources
+    m = min(m, len(queue))  # a pipeline with nothing to do would only hold resources
     say(f"[driver] {len(queue)} of {len(videos)} video(s) to make on {m} pipeline(s) of {n} rank(s)"
-        + (f"; batch.json in {root}" if root else ""))
+        + (f"; batch.json in {root}" if root else "") if queue else "[driver] every video is complete already")
     options = dict(device=args.device, threads=args.threads, trace=args.trace)
     pipes: list[Pipeline] = []
     progress = None
