@@ -176,28 +176,29 @@ def existing(video: Video, overwrite: bool = False) -> Start:
 
 class Record:
     """``batch.json`` in the batch directory: one entry per video (prompt, status, pipeline, attempts,
-    wall time, frames, reason, output), rewritten atomically at every change. Entries of videos an
-    earlier run completed keep that run's figures."""
+    wall time, frames, reason, output), rewritten atomically at every change. A video an earlier run
+    completed keeps that run's figures (:meth:`skipped`)."""
 
     def __init__(self, root: str, videos: list[Video]):
         self.root = root
-        old = {}
+        self.previous: dict[str, dict] = {}
         try:
-            if not root:
-                raise FileNotFoundError
-            with open(os.path.join(root, BATCH_FILE)) as f:
-                old = {e["out"]: e for e in json.load(f)["videos"]}
+            if root:
+                with open(os.path.join(root, BATCH_FILE)) as f:
+                    self.previous = {e["out"]: e for e in json.load(f)["videos"] if isinstance(e, dict)}
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none yet, or not ours to trust
-        self.entries = []
-        for v in videos:
-            e = {"index": v.index, "line": v.line, "prompt": v.cfg.sampling.prompt, "seed": v.cfg.sampling.seed,
-                 "frames": v.cfg.video.frames, "out": v.out, "status": "pending", "pipeline": None, "attempts": 0,
-                 "wall_s": 0.0, "frames_written": 0, "reason": ""}
-            prev = old.get(v.out)
-            if isinstance(prev, dict) and prev.get("prompt") == e["prompt"]:
-                e.update({k: prev[k] for k in ("pipeline", "attempts", "wall_s") if k in prev})
-            self.entries.append(e)
+        self.entries = [{"index": v.index, "line": v.line, "prompt": v.cfg.sampling.prompt, "seed": v.cfg.sampling.seed,
+                         "frames": v.cfg.video.frames, "out": v.out, "status": "pending", "pipeline": None,
+                         "attempts": 0, "wall_s": 0.0, "frames_written": 0, "reason": ""} for v in videos]
+
+    def skipped(self, index: int, frames: int) -> None:
+        """The video was complete before this run: the figures of the run that made it, if recorded."""
+        e = self.entries[index]
+        prev = self.previous.get(e["out"], {})
+        if prev.get("prompt") == e["prompt"] and prev.get("status") == "complete":
+            e.update({k: prev[k] for k in ("pipeline", "attempts", "wall_s") if k in prev})
+        e.update(status="complete", frames_written=frames)
 
     def update(self, index: int, **fields) -> None:
         self.entries[index].update(fields)

@@ -318,7 +318,7 @@ def drive(ray, args, videos: list, starts: list, root: str, replicas: int | str)
     queue = collections.deque()
     for v, how in zip(videos, starts):
         if how == "complete":
-            record.entries[v.index].update(status="complete", frames_written=v.cfg.video.frames)
+            record.skipped(v.index, v.cfg.video.frames)
             say(f"[driver] video {v.index} ({v.where()}): already complete in {v.out}; skipped")
         else:
             queue.append((v, how))
@@ -425,7 +425,7 @@ def take(p: Pipeline, queue: collections.deque, record: batch.Record, options: d
         return
     held_since.pop(video.index, None)
     entry = record.entries[video.index]
-    if entry["status"] == "pending" and entry["reason"]:  # a retry: what the last attempt left decides
+    if how is None:  # a retry: what the last attempt left decides
         try:
             how = batch.existing(video)
         except ConfigError as e:
@@ -458,7 +458,7 @@ def finished(p: Pipeline, video: batch.Video, ok: bool, reason: str, queue: coll
     p.rebuild()  # a lost actor or a failed rank leaves no usable process group
     left = attempts - entry["attempts"]
     if left > 0:
-        queue.appendleft((video, "resume"))  # the head of the queue: the next free pipeline takes it
+        queue.appendleft((video, None))  # the head of the queue: the next free pipeline takes it
         record.update(video.index, status="pending", wall_s=round(entry["wall_s"] + wall, 2),
                       frames_written=written, reason=reason)
         say(f"[pipeline {p.index}] video {video.index} ({video.where()}) failed after {wall:.1f} s: {reason}; "

@@ -125,8 +125,12 @@ def test_batch_json_keeps_an_earlier_runs_figures_for_its_complete_videos(tmp_pa
     table = rec.table().splitlines()
     assert len(table) == 3 and "failed (rank 0's actor died)" in table[2] and "89/89" in table[1]
     again = batch.Record(str(root), videos)  # the next run of the same batch
+    assert [e["status"] for e in again.entries] == ["pending", "pending"]  # what to do is the new run's decision
+    again.skipped(0, 89)  # its manifest says complete
+    again.skipped(1, 89)  # ... and so does this one's now, made by someone else: no figures of ours
     assert (again.entries[0]["pipeline"], again.entries[0]["attempts"], again.entries[0]["wall_s"]) == (1, 2, 12.5)
-    assert again.entries[1]["status"] == "pending"  # what to do with it is the new run's decision
+    assert (again.entries[1]["pipeline"], again.entries[1]["attempts"], again.entries[1]["status"]) == (None, 0,
+                                                                                                      "complete")
 
 
 def test_the_kuberay_example_runs_a_command_line_the_driver_takes(root):
