@@ -72,8 +72,11 @@ class BatchProgress:
         self.stream = sys.stderr
         self._read()
         # what an earlier run wrote counts as done from the start: the rate is this run's
+        # in a log file (no terminal) a redraw is a line: one per 10 s at most
         self.bar = tqdm(total=sum(frames), initial=sum(self.frames), desc=f"[driver] {len(outs)} video(s)",
-                        unit="frame", file=self.stream, dynamic_ncols=True, smoothing=0.1)
+                        unit="frame", file=self.stream, dynamic_ncols=True, smoothing=0.1,
+                        mininterval=0.1 if self.stream.isatty() else 10.0)
+        self.shown = None
         # Ray prints the actors' lines to the driver's stdout/stderr: whole lines, above the bar
         self.saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _AboveBar(sys.stdout, self.bar), _AboveBar(sys.stderr, self.bar)
@@ -87,8 +90,10 @@ class BatchProgress:
         """Redraw with the frames on disk now and ``counts`` (videos per status)."""
         self._read()
         self.bar.update(sum(self.frames) - self.bar.n)
-        self.bar.set_postfix_str(f"{counts.get('complete', 0)} done, {counts.get('running', 0)} running, "
-                                 f"{counts.get('failed', 0)} failed", refresh=True)
+        text = f"{counts.get('complete', 0)} done, {counts.get('running', 0)} running, {counts.get('failed', 0)} failed"
+        if text != self.shown:  # a video started or ended: worth a redraw now
+            self.shown = text
+            self.bar.set_postfix_str(text, refresh=True)
 
     def close(self) -> None:
         for wrapped in (sys.stdout, sys.stderr):
