@@ -283,8 +283,17 @@ def policy_caption(data: dict) -> str:
             f"focused keep a pool of max(1.5 x budget, budget + sink) frames to choose from (cfg.causal.pool = 0), "
             f"which is their memory. Deviation = relative L2 error of each chunk's clean latents against the "
             f"full-cache run, mean over chunks (last quarter: chunks starting at latent frame {q0} or later), and the "
-            f"largest absolute difference. The model is the random-weight tiny preset: deviations measure fidelity "
-            f"to the full cache, not visual quality.")
+            f"largest absolute difference. {model_note(data)}")
+
+
+def model_note(data: dict) -> str:
+    model = (data.get("config") or {}).get("model", {})
+    if model.get("path"):
+        return f"The model is {model['path']}: deviations measure fidelity to the full cache."
+    if model.get("preset", "tiny-random") == "tiny-random":
+        return "The model is the random-weight tiny preset: deviations measure fidelity to the full cache, not visual quality."
+    return (f"The model is the trained {model['preset']} preset (the same architecture and cost as tiny-random): "
+            "deviations measure fidelity to the full cache.")
 
 
 # -- speed-up over ranks ---------------------------------------------------------------------------

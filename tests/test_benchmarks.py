@@ -127,6 +127,18 @@ def test_causal_speedup_and_kernel(quick):
             assert r["store_frames"] == 7 and r["attended_frames"] == 4 and r["sample"] == 4
 
 
+def test_bounded_policies_end_to_end_section(quick):
+    """bench_causal.py's policy comparison on the trained preset (at 480x832 in a full run): the reading's
+    speed-up is the ratio of the measured per-chunk denoise times."""
+    data = quick["results"]["causal_wan"]
+    rows = data["results"]
+    assert [r["policy"] for r in rows] == ["full", "focused"] and data["config"]["model"]["preset"] == "tiny"
+    assert all(r["denoise_ms"] > 0 and r["attn_ms"] > 0 for r in rows)
+    sec = quick["md"][quick["md"].index("### Bounded policies end to end at Wan's frame size"):]
+    assert "The model is the trained tiny preset" in sec
+    assert f"{rows[0]['denoise_ms'] / rows[1]['denoise_ms']:.2f}x the full cache's speed per chunk" in sec
+
+
 def test_comm_counts(quick):
     """bench_comm.py: both comms ran; today's builds no header and copies nothing per hop."""
     data = quick["results"]["comm"]
@@ -230,8 +242,8 @@ def test_markdown_has_every_section_and_is_a_function_of_results(root, quick):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
         assert f"](docs/benchmarks/{name})" in md
-    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "comm", "reject", "quality",
-            "cache", "balance"} <= set(results)
+    assert {"meta", "sweep", "speedup", "simulator", "projection", "causal", "causal_wan", "comm", "reject",
+            "quality", "cache", "balance"} <= set(results)
     causal = md[md.index("## Causal mode"):]
     rows = [ln for ln in causal.splitlines() if ln.startswith("| ")]
     for name in ("full", *BOUNDED):
