@@ -47,15 +47,21 @@ def ray_job(root, cluster, args, **kw):
 
 
 def test_causal_mode_on_two_actors_equals_one_process(root, cluster, tmp_path):
+    """Two causal videos of one engine, each with its own seed, equal to one process's runs of them."""
     causal = ["--mode", "causal", "--policy", "focused", "--budget", "4", "--set", "causal.sink=1", "--no-decode"]
-    p = ray_job(root, cluster, [*causal, "--out", str(tmp_path / "ray")])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('a red fox running through snow\n{"prompt": "a red fox running through snow", "seed": 5}\n')
+    p = ray_job(root, cluster, [*causal, "--prompts", str(prompts), "--out", str(tmp_path / "ray")])
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
-    launch(root, 1, tmp_path / "one", causal)
-    _, a = read_blocks(tmp_path / "ray")
-    _, b = read_blocks(tmp_path / "one")
-    assert len(a) == len(b) == 7  # 23 latent frames: chunks of 5, 3, 3, 3, 3, 3, 3
-    assert all((x - y).abs().max().item() <= 1e-5 for x, y in zip(a, b))
+    assert err.count("[rank 0] layers [0, 4)") == 1  # one engine for both videos
+    got = [read_blocks(tmp_path / "ray" / f"prompt-{i:03d}")[1] for i in range(2)]
+    for i, seed in enumerate(("11", "5")):  # 11: ARGS's seed
+        launch(root, 1, tmp_path / f"one-{i}", [*causal, "--seed", seed, "--prompt", "a red fox running through snow"])
+        _, ref = read_blocks(tmp_path / f"one-{i}")
+        assert len(got[i]) == len(ref) == 7  # 23 latent frames: chunks of 5, 3, 3, 3, 3, 3, 3
+        assert all((x - y).abs().max().item() <= 1e-5 for x, y in zip(got[i], ref))
+    assert (got[0][0] - got[1][0]).abs().max().item() > 0.1  # the seed made a difference
 
 
 def test_prompt_file_two_videos_one_model_load_each_equal_to_torchrun(root, cluster, tmp_path):
