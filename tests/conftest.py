@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 import torch
@@ -37,6 +38,16 @@ def command(n, args):
     if n > 1:
         cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n)]
     return cmd + [GEN, *map(str, args)]
+
+
+def wait_for(pred, timeout, what):
+    """Poll ``pred`` every 50 ms until it holds; AssertionError naming ``what`` after ``timeout`` s."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start(n, args, env=None, **kw):

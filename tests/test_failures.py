@@ -10,7 +10,7 @@ import av
 import pytest
 from safetensors.torch import load_file
 
-from conftest import gen, start
+from conftest import gen, start, wait_for
 
 # 41 latent frames in blocks of 4 (10 blocks), 4 steps: long enough to interrupt. One block may
 # wait for the writer, so denoising cannot finish far ahead of what is on disk.
@@ -34,15 +34,6 @@ def manifest(out):
         return json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-
-
-def wait_for(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def rank_pid(out, rank):

@@ -17,6 +17,7 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
 
+from conftest import wait_for  # noqa: E402
 from test_parallel import ARGS, launch, read_blocks  # noqa: E402
 
 # New local clusters require token auth; the tests bring their own token (nothing read from ~/.ray).
@@ -220,20 +221,19 @@ def test_two_pipelines_share_a_batch_of_four_each_video_equal_to_gen_py(root, cl
     assert "[driver] batch:" in err and "[driver] 4 of 4 video(s) complete" in err, err[-3000:]
 
 
-def wait_for(cond, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def read_json(path):
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def start_batch(root, cluster, tmp_path, lines, args):
+    """ray_job.py over a prompts file of ``lines`` into ``tmp_path/batch``: (process, batch dir, video dirs)."""
+    prompts = tmp_path / "prompts.jsonl"
+    write_lines(prompts, lines)
+    out = tmp_path / "batch"
+    return batch_job(root, cluster, [*args, "--prompts", str(prompts), "--out", str(out)]), out, video_dirs(out, lines)
 
 
 SLOW = ["--frames", "257", "--set", "output.queue_blocks=1", "--set", "output.checkpoint_every=4",
@@ -243,11 +243,7 @@ SLOW = ["--frames", "257", "--set", "output.queue_blocks=1", "--set", "output.ch
 def test_killing_a_pipelines_actor_mid_video_the_batch_completes_and_the_video_resumes(
         root, cluster, tmp_path, tmp_path_factory):
     lines = LINES[:2]
-    prompts = tmp_path / "prompts.jsonl"
-    write_lines(prompts, lines)
-    out = tmp_path / "batch"
-    dirs = video_dirs(out, lines)
-    p = batch_job(root, cluster, [*SLOW, "--replicas", "2", "--prompts", str(prompts), "--out", str(out)])
+    p, out, dirs = start_batch(root, cluster, tmp_path, lines, [*SLOW, "--replicas", "2"])
     err_lines = []
     reader = threading.Thread(target=lambda: err_lines.extend(p.stderr), daemon=True)
     reader.start()
@@ -276,6 +272,10 @@ def test_killing_a_pipelines_actor_mid_video_the_batch_completes_and_the_video_r
     man = json.loads((dirs[0] / "manifest.json").read_text())
     kept = {b["latents"].split("/")[-1] for b in man["blocks"]}
     assert before and set(before) <= kept
+    from safetensors.torch import load, load_file
+
+    assert all(torch.equal(load(data)["latents"], load_file(dirs[0] / "latents" / name)["latents"])
+               for name, data in before.items())
     import av
 
     with av.open(str(dirs[0] / "video.mp4")) as c:
@@ -285,12 +285,7 @@ def test_killing_a_pipelines_actor_mid_video_the_batch_completes_and_the_video_r
 def test_killing_the_driver_and_running_it_again_makes_only_the_unfinished_videos(
         root, cluster, tmp_path, tmp_path_factory):
     lines = LINES[:3]
-    prompts = tmp_path / "prompts.jsonl"
-    write_lines(prompts, lines)
-    out = tmp_path / "batch"
-    dirs = video_dirs(out, lines)
-    args = [*SLOW, "--replicas", "1", "--prompts", str(prompts), "--out", str(out)]
-    p = batch_job(root, cluster, args)
+    p, out, dirs = start_batch(root, cluster, tmp_path, lines, [*SLOW, "--replicas", "1"])
     wait_for(lambda: read_json(dirs[0] / "manifest.json").get("status") == "complete"
              and (dirs[1] / "checkpoint.safetensors").is_file(), 240, "video 0 done, video 1 checkpointed")
     first = read_json(dirs[0] / "manifest.json")
@@ -301,7 +296,7 @@ def test_killing_the_driver_and_running_it_again_makes_only_the_unfinished_video
     # Ray ends a dead driver's actors: the run they held is unlocked
     wait_for(lambda: rundir.holder(str(dirs[1])) is None, 60, "the driver's actors to go")
     assert read_json(dirs[1] / "manifest.json").get("status") == "running"
-    p = batch_job(root, cluster, args)
+    p = start_batch(root, cluster, tmp_path, lines, [*SLOW, "--replicas", "1"])[0]  # the same command again
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-3000:]
     assert "video 0 (line 1): already complete" in err and "video 0 (line 1) started" not in err, err[-3000:]
