@@ -73,6 +73,9 @@ PRESET_TEXT_LEN = {"tiny": 32, "tiny-random": 512}
 """Each preset's prompt length when ``model.text_len`` is 0."""
 MODEL_DEFAULTS = "dualpar_defaults.json"
 """A model folder's own defaults (``{"sampling": {"guidance": 2.0, ...}}``), under any value the user gives."""
+CAUSAL_TRANSFORMER = "transformer_causal"
+"""A model folder's optional transformer for ``--mode causal`` (same config, its own weights: a causal
+fine-tune of the folder's ``transformer``), read in its place when ``model.transformer_file`` is empty."""
 HEAD_IMPORTANCE = "head_importance.json"
 """A model folder's calibrated head importances (``causal.head_budget=calibrated``)."""
 
@@ -93,6 +96,10 @@ class ModelConfig:
     transformer_file: str = ""
     """Optional transformer weights replacing the folder's: a .safetensors (or .pt, read with
     weights_only) state dict in the original Wan naming (Self-Forcing, CausVid, LongLive)."""
+    causal_weights: bool = True
+    """In ``--mode causal``, read the model folder's ``transformer_causal/`` (a causal fine-tune of its
+    transformer, as the trained ``tiny`` preset ships) in place of ``transformer/`` when it has one;
+    False: the bidirectional weights run causally as they are."""
     weights_seed: int = 0
     """Seed of the ``tiny-random`` preset's weights (identical on every rank)."""
     dtype: Dtype = "float32"

@@ -57,6 +57,9 @@ class Job:
                 self.engine = CausalEngine(cfg, self.comm, self.trace, counts)
                 what = (f"{len(self.engine.plan.blocks)} chunks x {self.engine.plan.steps} steps + commit, "
                         f"{cfg.causal.schedule}, KV policy {cfg.causal.policy}")
+                tdir = loader.transformer_dir(cfg)
+                if tdir is not None and tdir.name != "transformer":
+                    what += f", weights {tdir.name}/"
             else:
                 self.engine = Engine(cfg, self.comm, self.trace, counts)
                 what = f"{len(self.engine.plan.blocks)} blocks x {cfg.sampling.steps} steps"

@@ -791,14 +791,19 @@ def render_quality(data: dict, ctx: Ctx) -> str:
              "found; *shape right*, where it is found with the prompted shape; *jumps*, centroid steps over a tenth "
              "of the frame per video; *seam ratio*, the mean change (of pixels, or of the object's centroid) into the "
              "first frame of a block (a chunk, in causal mode) over the same at the other latent-frame starts: 1.0 "
-             f"is seamless. Causal rows: 8 Euler steps per chunk of 3, budget {data['budget']} frames.", "",
+             f"is seamless. Causal rows: 8 Euler steps per chunk of 3, budget {data['budget']} frames, the "
+             "causal fine-tune's weights (`transformer_causal/`) where the folder has them, except in the row "
+             "marked *bidirectional weights* (`model.causal_weights=false`).", "",
              f"VAE reconstruction on {v['clips']} held-out {v['frames']}-frame clips at {v['size']}x{v['size']}: "
              f"**{v['psnr_db']:.1f} dB** PSNR (worst clip {v['psnr_min_db']:.1f} dB)."]
     t = data.get("training")
     if t and not t.get("partial"):
         notes += ["", "Training (`scripts/train_tiny.py`, on this machine's CPU; the README says how long): "
                   + ", ".join(f"{k} {n} steps" for k, n in t["steps"].items())
-                  + f"; final flow-matching loss {t['dit_final_loss']:.3f}; the VAE's PSNR at the end of "
+                  + f"; final flow-matching loss {t['dit_final_loss']:.3f}"
+                  + (f" (the causal fine-tune's {t['dit_causal_final_loss']:.3f}, on noisy frames only)"
+                     if "dit_causal_final_loss" in t else "")
+                  + "; the VAE's PSNR at the end of "
                   f"training {t['vae_psnr_db']:.1f} dB (16 held-out clips of 17 frames: shorter clips than "
                   "above, whose later frames the VAE codes worse)."]
     for name, alt in (("training_losses.png", "training losses"), ("demo_strip.png", "frames of the demo")):

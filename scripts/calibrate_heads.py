@@ -11,6 +11,7 @@ The table goes to ``head_importance.json`` in the model folder, where the engine
     python scripts/calibrate_heads.py [--model DIR] [--frames 49] [--prompt TEXT] [--out FILE]
 
 Without ``--model`` it calibrates the trained ``tiny`` preset (its folder ships with the package).
+The heads measured are those causal mode runs: the folder's ``transformer_causal/`` where it has one.
 The causal settings are the quality suite's (``quality.py``: 8 Euler steps per chunk of 3).
 """
 
@@ -35,6 +36,7 @@ def calibrate(cfg, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     from dualpar.causal import CausalEngine
+    from dualpar.models import loader
     from dualpar.comm import Comm
     from kv_cache.policy import HeadMask
 
@@ -67,6 +69,7 @@ def calibrate(cfg, progress: bool = True) -> dict:
             "frames": cfg.video.frames, "height": cfg.video.height, "width": cfg.video.width,
             "prompt": cfg.sampling.prompt, "seed": cfg.sampling.seed, "guidance": cfg.sampling.guidance,
             "timesteps": cfg.causal.timesteps, "sampler": cfg.causal.sampler, "chunk": cfg.causal.chunk,
+            "weights": loader.transformer_dir(cfg).name,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 

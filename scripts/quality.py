@@ -65,6 +65,7 @@ SUITE = (
     ("num_cat 0", ["--num-cat", "0"]),
     ("shared noise off", ["--set", "parallel.shared_noise=false"]),
     ("causal, full cache", CAUSAL + ["--policy", "full"]),
+    ("causal, full cache, bidirectional weights", CAUSAL + ["--policy", "full", "--set", "model.causal_weights=false"]),
     (f"causal, window {BUDGET}", CAUSAL + ["--policy", "window", "--budget", BUDGET]),
     (f"causal, topk {BUDGET}", CAUSAL + ["--policy", "topk", "--budget", BUDGET]),
     (f"causal, focused {BUDGET}", CAUSAL + ["--policy", "focused", "--budget", BUDGET]),

@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,12 @@ OBJECT_WEIGHT = 4.0
 """Extra loss weight of the latent cells an object touches (the transformer's loss)."""
 BANK = "latents-inview.pt"
 """The latent bank's file in ``--work``: clips whose objects stay in view, with their object masks."""
-STAGES = ("vae-image", "vae-clip", "dit")
+STAGES = ("vae-image", "vae-clip", "dit", "dit-causal")
+CAUSAL_CHUNK = 3
+"""Latent frames per chunk of the causal fine-tune (the engine's ``causal.chunk``; a clip's first chunk
+takes the leftover, as the engine cuts a video)."""
+MAX_GAP = 250
+"""Largest position gap the causal fine-tune puts between a clip's early chunks and its later ones."""
 
 
 def words() -> list[str]:
@@ -324,13 +330,19 @@ def export_current(args, device: torch.device) -> int:
     dit = WanTransformer3DModel(**TINY_TRANSFORMER)
     if (work / "dit.pt").exists():
         dit.load_state_dict(torch.load(work / "dit.pt", weights_only=True)["model"])
+    causal = None
+    if (work / "dit-causal.pt").exists():
+        causal = WanTransformer3DModel(**TINY_TRANSFORMER)
+        causal.load_state_dict(torch.load(work / "dit-causal.pt", weights_only=True)["model"])
     lat, _, _ = load_bank(args, work, device, vae, clips=None if (work / BANK).exists() else 8)
     tok, enc = text_parts(args.seed)
     reached = {n: int(torch.load(work / f"{n}.pt", weights_only=True)["step"]) for n in STAGES
                if (work / f"{n}.pt").exists()}
-    totals = {"vae-image": args.vae_image_steps, "vae-clip": args.vae_clip_steps, "dit": args.dit_steps}
-    info = {"partial": any(reached.get(n, 0) < totals[n] for n in STAGES), "stages": reached}
-    export(args.out, vae, dit.eval(), tok, enc, lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4)), info)
+    totals = {"vae-image": args.vae_image_steps, "vae-clip": args.vae_clip_steps, "dit": args.dit_steps,
+              "dit-causal": args.causal_steps}
+    info = {"partial": any(reached.get(n, 0) < totals[n] for n in STAGES if totals[n]), "stages": reached}
+    export(args.out, vae, dit.eval(), tok, enc, lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4)), info,
+           causal.eval() if causal is not None else None)
     print(f"wrote {args.out} from {info['stages']}", file=sys.stderr)
     return 0
 
@@ -342,10 +354,30 @@ def text_parts(seed: int):
     return tok, tiny_text_encoder(seed + 2, len(tok))
 
 
-def train_dit(args, work: Path, device: torch.device, vae, tok, enc):
+@dataclass
+class DitData:
+    """What the transformer trains on: the latent bank normalized as the engine's latents are, with
+    its object masks, and the encoded prompts."""
+
+    lat: torch.Tensor
+    """[clips, C, LATENT_CLIP, h, w], (x - mean) / std."""
+    masks: torch.Tensor
+    """Latent cells an object touches, [clips, LATENT_CLIP, h, w]."""
+    states: torch.Tensor
+    """Text-encoder states of every distinct prompt, the empty one last."""
+    ids: torch.Tensor
+    """Each clip's row of ``states``."""
+    mean: torch.Tensor
+    std: torch.Tensor
+    """The bank's per-channel latent mean and std (stored in the VAE's config)."""
+
+    @property
+    def empty(self) -> int:
+        return len(self.states) - 1
+
+
+def dit_data(args, work: Path, device: torch.device, vae, tok, enc) -> DitData:
     from dualpar.models.loader import encode_prompts
-    from dualpar.models.tiny import TINY_TRANSFORMER
-    from diffusers import WanTransformer3DModel
 
     lat, prompts, masks = load_bank(args, work, device, vae)
     mean, std = lat.mean(dim=(0, 2, 3, 4)), lat.std(dim=(0, 2, 3, 4))
@@ -354,8 +386,14 @@ def train_dit(args, work: Path, device: torch.device, vae, tok, enc):
     unique = sorted(set(prompts)) + [""]
     states = encode_prompts(tok, enc.to(device), unique, TEXT_LEN).cpu()
     index = {p: i for i, p in enumerate(unique)}
-    ids = torch.tensor([index[p] for p in prompts])
+    return DitData(lat, masks, states, torch.tensor([index[p] for p in prompts]), mean, std)
 
+
+def train_dit(args, work: Path, device: torch.device, data: DitData):
+    from dualpar.models.tiny import TINY_TRANSFORMER
+    from diffusers import WanTransformer3DModel
+
+    lat, masks, states, ids = data.lat, data.masks, data.states, data.ids
     torch.manual_seed(args.seed + 3)
     dit = WanTransformer3DModel(**TINY_TRANSFORMER).to(device).train()
     st = Stage(work, "dit", dit, args.dit_lr, args.dit_steps)
@@ -371,7 +409,7 @@ def train_dit(args, work: Path, device: torch.device, vae, tok, enc):
                 [masks[i, s:s + WINDOW] for i, s in zip(pick.tolist(), start.tolist())])[:, None].float()
             text = states[ids[pick]]
             drop = torch.from_numpy(rng.random(args.dit_batch) < 0.1)
-            text[drop] = states[index[""]]
+            text[drop] = states[data.empty]
             u = torch.rand(args.dit_batch, generator=gen)
             sigma = SHIFT * u / (1 + (SHIFT - 1) * u)  # Wan's shifted flow-matching time
             noise = torch.randn(x0.shape, generator=gen)
@@ -385,7 +423,115 @@ def train_dit(args, work: Path, device: torch.device, vae, tok, enc):
             pb.set_postfix(loss=f"{st.losses[-1][1]:.4f}")
             if st.step % args.save_every == 0 or st.done():
                 st.save()
-    return dit.eval().requires_grad_(False), mean, std
+    return dit.eval().requires_grad_(False)
+
+
+def causal_forward(cw, xt: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor, positions: list[int],
+                   allowed: torch.Tensor) -> torch.Tensor:
+    """The transformer over whole clips ``xt`` [B, C, F, H, W] with per-frame ``timesteps`` [B, F], RoPE
+    ``positions`` (one per frame) and the frame-level attention mask ``allowed`` [F, F] (query frame,
+    key frame; True = may attend): with a block-causal mask, what the engine's causal mode computes for
+    chunks in flight over their committed history (``reference.causal_reference``). ``cw`` is a
+    :class:`CausalWan` over the whole model; ``text`` the text-encoder states [B, S, text_dim]. Returns
+    the flow prediction [B, C, F, H, W] (float32), differentiable."""
+    from dualpar.models.wan import block_forward
+
+    m = cw.m
+    b, _, frames, h, w = xt.shape
+    x = m.patch_embedding(xt.to(m.dtype)).flatten(2).transpose(1, 2)  # [B, F * T, dim]
+    tpf = x.shape[1] // frames
+    temb, tproj = cw.frame_conditioning(timesteps.reshape(-1))
+    temb, tproj = temb.view(b, frames, -1), tproj.view(b, frames, 6, -1)
+    cross = m.cross_kv(m.text_context(text))
+    mask = allowed.repeat_interleave(tpf, 0).repeat_interleave(tpf, 1).to(x.device)
+
+    def attention(a, hid):
+        q = cw._rotate(a.norm_q(a.to_q(hid)).unflatten(2, (a.heads, -1)), positions, h, w)
+        k = cw._rotate(a.norm_k(a.to_k(hid)).unflatten(2, (a.heads, -1)), positions, h, w)
+        v = a.to_v(hid).unflatten(2, (a.heads, -1))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return a.to_out[1](a.to_out[0](out.transpose(1, 2).flatten(2, 3).type_as(q))), None
+
+    for i, blk in enumerate(m.layers):
+        x, _ = block_forward(blk, x, tproj, cross[i], attention)
+    return cw.frame_head(x, temb, h, w)
+
+
+def causal_sample(rng: np.random.Generator, frames: int, batch: int):
+    """One batch's layout for the causal fine-tune: the chunk of every frame, RoPE positions, the
+    frame-level attention mask and each sample's noise level per chunk (shift not yet applied).
+
+    * Noise never decreases from a chunk to the next: older chunks are cleaner, as in the engine's
+      staggered schedule (chunks in flight at later steps) and its sequential one (all history clean,
+      30% of the samples here). A prefix of chunks is often clean (their K/V are what a commit pass
+      writes) and the loss counts only noisy frames.
+    * Half the batches put a position gap of up to ``MAX_GAP`` between the early chunks and the rest:
+      history far back (the window policy's sink frames, a long full cache), which a 17-frame clip
+      would otherwise never show.
+    * Half the batches hide a random share of each chunk's older frames from it: history thinned
+      as a KV policy (window, topk, focused) selects it.
+    """
+    from dualpar.schedule import split_blocks
+
+    blocks = split_blocks(frames, CAUSAL_CHUNK)
+    chunk_of = torch.tensor([blk.id for blk in blocks for _ in range(blk.frames)])
+    n = len(blocks)
+    positions = list(range(frames))
+    if rng.random() < 0.5:
+        cut, gap = int(rng.integers(1, n)), int(rng.integers(1, MAX_GAP + 1))
+        positions = [p + gap * int(chunk_of[p] >= cut) for p in positions]
+    older = chunk_of[None, :] < chunk_of[:, None]
+    keep = torch.ones(frames, frames, dtype=torch.bool)
+    if rng.random() < 0.5:
+        share = rng.uniform(0.3, 1.0)
+        keep = torch.from_numpy(rng.random((n, frames)) < share)[chunk_of]  # one draw per (chunk, frame)
+    allowed = (chunk_of[None, :] == chunk_of[:, None]) | (older & keep)
+    u = np.sort(rng.random((batch, n)), axis=1)
+    for row in range(batch):
+        if rng.random() < 0.3:
+            u[row, :-1] = 0.0
+        else:
+            u[row, :int(rng.integers(0, n))] = 0.0
+    return chunk_of, positions, allowed, torch.from_numpy(u).float()
+
+
+def train_dit_causal(args, work: Path, device: torch.device, dit, data: DitData):
+    """Fine-tune a copy of the trained transformer for the engine's causal mode (block-causal attention,
+    per-chunk noise levels; see :func:`causal_sample`), from the bidirectional weights."""
+    import copy
+
+    from dualpar.models.causal_wan import CausalWan
+    from dualpar.models.wan import WanSlice
+
+    lat, masks, states, ids = data.lat, data.masks, data.states, data.ids
+    dit = copy.deepcopy(dit).train().requires_grad_(True)
+    cw = CausalWan(WanSlice(dit, 0, len(dit.blocks)))
+    st = Stage(work, "dit-causal", dit, args.causal_lr, args.causal_steps)
+    frames = lat.shape[2]
+    with bar(st, args) as pb:
+        while not st.done():
+            rng = rng_for(args.seed, "dit-causal", st.step)
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            pick = torch.from_numpy(rng.integers(0, len(lat), size=args.dit_batch))
+            chunk_of, positions, allowed, u = causal_sample(rng, frames, args.dit_batch)
+            sigma = (SHIFT * u / (1 + (SHIFT - 1) * u))[:, chunk_of]  # [B, F]
+            x0 = lat[pick]
+            weight = (1.0 + OBJECT_WEIGHT * masks[pick][:, None].float()) * (sigma > 0)[:, None, :, None, None]
+            text = states[ids[pick]]
+            text[torch.from_numpy(rng.random(args.dit_batch) < 0.1)] = states[data.empty]
+            noise = torch.randn(x0.shape, generator=gen)
+            s = sigma[:, None, :, None, None]
+            xt = (1 - s) * x0 + s * noise
+            x0, xt, noise, text, weight = (v.to(device) for v in (x0, xt, noise, text, weight))
+            pred = causal_forward(cw, xt, (sigma * 1000).to(device), text, positions, allowed)
+            err = weight * (pred - (noise - x0).float()) ** 2  # the noisy frames' weighted mean:
+            loss = err.sum() / (weight > 0).expand_as(err).sum().clamp(min=1)
+            st.update(loss)
+            pb.update(1)
+            pb.set_postfix(loss=f"{st.losses[-1][1]:.4f}")
+            if st.step % args.save_every == 0 or st.done():
+                st.save()
+    return dit.eval().requires_grad_(False)
 
 
 def plot(work: Path) -> Path | None:
@@ -432,7 +578,15 @@ def write_defaults(out: Path) -> None:
                                                  indent=1) + "\n")
 
 
-def export(out: Path, vae, dit, tok, enc, mean, std, info: dict) -> None:
+def final_loss(work: Path, stage: str) -> float:
+    """Mean loss of a stage's last 100 steps."""
+    return float(np.mean([x[1] for x in torch.load(work / f"{stage}.pt", weights_only=True)["losses"][-100:]]))
+
+
+def export(out: Path, vae, dit, tok, enc, mean, std, info: dict, causal=None) -> None:
+    """The model folder: diffusers' layout, plus ``CAUSAL_TRANSFORMER`` (the causal fine-tune) when given."""
+    from dualpar.config import CAUSAL_TRANSFORMER
+
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
     vae.register_to_config(latents_mean=[float(v) for v in mean], latents_std=[float(v) for v in std])
@@ -445,6 +599,8 @@ def export(out: Path, vae, dit, tok, enc, mean, std, info: dict) -> None:
                        transformer=dit.cpu().to(torch.bfloat16))
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out)
+    if causal is not None:
+        causal.cpu().to(torch.bfloat16).save_pretrained(out / CAUSAL_TRANSFORMER)
     write_defaults(out)
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
 
@@ -466,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dit-steps", type=int, default=3000)
     ap.add_argument("--dit-batch", type=int, default=16)
     ap.add_argument("--dit-lr", type=float, default=8e-4)
+    ap.add_argument("--causal-steps", type=int, default=1500,
+                    help="steps of the causal fine-tune (the weights of --mode causal; 0: none)")
+    ap.add_argument("--causal-lr", type=float, default=3e-4)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--stop-after", choices=STAGES, help="stop after this stage (resume later)")
     ap.add_argument("--export-only", action="store_true",
@@ -475,8 +634,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if min(args.vae_image_steps, args.vae_clip_steps, args.dit_steps, args.clips, args.save_every) < 1:
-        print("error: step counts, --clips and --save-every must be >= 1", file=sys.stderr)
+    if min(args.vae_image_steps, args.vae_clip_steps, args.dit_steps, args.clips, args.save_every) < 1 \
+            or args.causal_steps < 0:
+        print("error: step counts, --clips and --save-every must be >= 1 (--causal-steps >= 0)", file=sys.stderr)
         return 2
     if args.size < 16 or args.size % 16:
         print("error: --size must be a positive multiple of 16", file=sys.stderr)
@@ -492,17 +652,23 @@ def main(argv: list[str] | None = None) -> int:
 
     vae = train_vae(args, args.work, device)
     info = {"vae_psnr_db": vae_psnr(vae, device, args.seed), "seed": args.seed,
-            "steps": {"vae-image": args.vae_image_steps, "vae-clip": args.vae_clip_steps, "dit": args.dit_steps}}
+            "steps": {"vae-image": args.vae_image_steps, "vae-clip": args.vae_clip_steps, "dit": args.dit_steps,
+                      "dit-causal": args.causal_steps}}
     print(f"VAE held-out PSNR {info['vae_psnr_db']:.2f} dB", file=sys.stderr)
     plot(args.work)
     if args.stop_after in ("vae-image", "vae-clip"):
         return 0
     tok, enc = text_parts(args.seed)
-    dit, mean, std = train_dit(args, args.work, device, vae, tok, enc)
-    info["dit_final_loss"] = float(np.mean([x[1] for x in torch.load(args.work / "dit.pt", weights_only=True)["losses"][-100:]]))
+    data = dit_data(args, args.work, device, vae, tok, enc)
+    dit = train_dit(args, args.work, device, data)
+    info["dit_final_loss"] = final_loss(args.work, "dit")
+    causal = None
+    if args.stop_after != "dit" and args.causal_steps:
+        causal = train_dit_causal(args, args.work, device, dit, data)
+        info["dit_causal_final_loss"] = final_loss(args.work, "dit-causal")
     info["minutes"] = round((time.time() - t0) / 60, 1)
     print(f"loss plot: {plot(args.work)}", file=sys.stderr)
-    export(args.out, vae, dit, tok, enc, mean, std, info)
+    export(args.out, vae, dit, tok, enc, data.mean, data.std, info, causal)
     print(f"wrote {args.out} ({info})", file=sys.stderr)
     return 0
 

@@ -147,15 +147,19 @@ class CausalWan:
         frames = latents.shape[2]
         x = latents.to(m.device, m.dtype).expand(batch, -1, -1, -1, -1)
         x = m.patch_embedding(x).flatten(2).transpose(1, 2)
-        ce = m.condition_embedder
-        t = ce.timesteps_proj(timesteps.reshape(frames).to(m.device))
+        temb, tproj = self.frame_conditioning(timesteps.reshape(frames))
+        mod = torch.cat([temb[:, None], tproj], 1).flatten(0, 1)  # [F * 7, dim]
+        return torch.cat([x, mod[None].expand(batch, -1, -1)], dim=1).contiguous()
+
+    def frame_conditioning(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Time embeddings [N, dim] and modulation rows [N, 6, dim] of ``timesteps`` [N] (one per frame)."""
+        ce = self.m.condition_embedder
+        t = ce.timesteps_proj(timesteps.to(self.m.device))
         tdtype = next(iter(ce.time_embedder.parameters())).dtype
         if t.dtype != tdtype:
             t = t.to(tdtype)
-        temb = ce.time_embedder(t).to(m.dtype)  # [F, dim]
-        tproj = ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))  # [F, 6, dim]
-        mod = torch.cat([temb[:, None], tproj], 1).flatten(0, 1)  # [F * 7, dim]
-        return torch.cat([x, mod[None].expand(batch, -1, -1)], dim=1).contiguous()
+        temb = ce.time_embedder(t).to(self.m.dtype)
+        return temb, ce.time_proj(ce.act_fn(temb)).unflatten(1, (6, -1))
 
     # -- every rank: layers ----------------------------------------------------
 
@@ -212,16 +216,20 @@ class CausalWan:
 
     def head(self, packet: torch.Tensor, shape: ChunkShape, guidance: float, out=None) -> torch.Tensor:
         """Output head per frame and CFG: the chunk's flow prediction [1, C, F, H, W] in float32."""
-        m = self.m
-        tpf = m.tokens_per_frame(shape.height, shape.width)
-        n_tok = shape.frames * tpf
+        n_tok = shape.frames * self.m.tokens_per_frame(shape.height, shape.width)
         b = packet.shape[0]
-        x = packet[:, :n_tok]
         temb = packet[:, n_tok:].view(b, shape.frames, MOD_ROWS, -1)[:, :, 0]  # [B, F, dim]
+        return guided(self.frame_head(packet[:, :n_tok], temb, shape.height, shape.width), guidance, out)
+
+    def frame_head(self, x: torch.Tensor, temb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Output norm (modulated per frame by ``temb`` [B, F, dim]), projection and unpatchify of the
+        hidden states ``x`` [B, F * tokens, dim]: the flow prediction of every row [B, C, F, H, W], float32."""
+        m = self.m
+        b, frames = temb.shape[:2]
+        tpf, n_tok = x.shape[1] // frames, x.shape[1]
         shift, scale = (m.scale_shift_table[:, None] + temb[:, :, None]).chunk(2, dim=2)  # [B, F, 1, dim]
-        x = (m.norm_out(x.float()).view(b, shape.frames, tpf, -1) * (1 + scale) + shift).view(b, n_tok, -1).type_as(x)
+        x = (m.norm_out(x.float()).view(b, frames, tpf, -1) * (1 + scale) + shift).view(b, n_tok, -1).type_as(x)
         x = m.proj_out(x)
         pt, ph, pw = m.patch_size
-        x = x.reshape(b, shape.frames // pt, shape.height // ph, shape.width // pw, pt, ph, pw, -1)
-        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3).float()
-        return guided(x, guidance, out)
+        x = x.reshape(b, frames // pt, height // ph, width // pw, pt, ph, pw, -1)
+        return x.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3).float()

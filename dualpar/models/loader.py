@@ -26,17 +26,38 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPE[name]
 
 
+def transformer_dir(cfg: Config) -> Path | None:
+    """The folder the transformer is read from: the model folder's ``transformer_causal/`` in causal mode
+    (when it has one and ``model.causal_weights``), else its ``transformer/``; None for ``tiny-random``."""
+    from ..config import CAUSAL_TRANSFORMER
+
+    m = cfg.model
+    if not m.folder:
+        return None
+    causal = Path(m.folder) / CAUSAL_TRANSFORMER
+    if cfg.sampling.mode == "causal" and m.causal_weights and not m.transformer_file and causal.is_dir():
+        return causal
+    return Path(m.folder) / "transformer"
+
+
 def check_model(cfg: Config) -> None:
     """Validate ``model.path`` / ``model.transformer_file`` from file metadata, no tensor read (ConfigError)."""
     from .original_wan import check_original_wan_file
-    from .weights import WeightsError, check_model_dir, transformer_config
+    from .weights import WeightsError, check_model_dir, check_transformer_dir, read_transformer_config, transformer_config
 
     m = cfg.model
     if not m.folder:
         return
     what = "--model" if m.path else f"model.preset {m.preset}"
     try:
-        config = check_model_dir(m.folder, transformer_weights=not m.transformer_file)
+        tdir = transformer_dir(cfg)
+        config = check_model_dir(m.folder, transformer_weights=not m.transformer_file and tdir.name == "transformer")
+        if tdir.name != "transformer":
+            check_transformer_dir(tdir)
+            own = {k: v for k, v in read_transformer_config(tdir).items() if not k.startswith("_")}
+            if own != {k: v for k, v in config.items() if not k.startswith("_")}:
+                raise WeightsError(f"{tdir / 'config.json'} differs from {Path(m.folder) / 'transformer' / 'config.json'}"
+                                   " (a causal fine-tune keeps the transformer's shape)")
     except WeightsError as e:
         hint = "" if m.path else " (train it with scripts/train_tiny.py, or use model.preset=tiny-random)"
         raise ConfigError(f"{what}: {e}{hint}") from None
@@ -121,9 +142,10 @@ def load_transformer(cfg: Config):
         from .weights import read_transformer_config
 
         # built and filled here: diffusers' from_pretrained refuses this model without accelerate
-        model = WanTransformer3DModel.from_config(read_transformer_config(cfg.model.folder))
+        tdir = transformer_dir(cfg)
+        model = WanTransformer3DModel.from_config(read_transformer_config(tdir))
         state = {}
-        for shard in sorted((Path(cfg.model.folder) / "transformer").glob("*.safetensors")):
+        for shard in sorted(tdir.glob("*.safetensors")):
             state.update(load_file(shard))
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         return model.eval().requires_grad_(False)
@@ -154,7 +176,7 @@ def _load_slice(cfg: Config, first: int, last: int, device: torch.device) -> Wan
                 config, cfg.model.transformer_file, first, last, dtype=dtype, device=device
             )
         else:
-            part, _ = weights.load_transformer_slice(cfg.model.folder, first, last, dtype=dtype, device=device)
+            part, _ = weights.load_transformer_slice(transformer_dir(cfg), first, last, dtype=dtype, device=device)
         return part.eval().requires_grad_(False)
 
     from .weights import keep_fp32_names

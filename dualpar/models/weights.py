@@ -262,6 +262,16 @@ def check_tensors(
             raise WeightsError(f"{info.file}: tensor {info.name!r} is {info.dtype}, not a floating-point type")
 
 
+def check_transformer_dir(tdir: str | Path) -> None:
+    """Validate a transformer subfolder (``config.json`` and weights) from file metadata only."""
+    tdir = Path(tdir)
+    config_path = tdir / "config.json"
+    config = _read_json(config_path)
+    _check_transformer_config(config, config_path)
+    _check_weights(tdir, _WEIGHT_CANDIDATES["transformer"])
+    _check_transformer_weights(tdir, config, config_path)
+
+
 def _check_transformer_weights(tdir: Path, config: Mapping[str, Any], config_path: Path) -> None:
     """:func:`check_tensors` on a transformer folder's weights, read as the loader reads them."""
     if (tdir / WEIGHTS_NAME).is_file():
