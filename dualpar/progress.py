@@ -70,7 +70,9 @@ class BatchProgress:
     def __init__(self, outs: list[str], frames: list[int]):
         self.outs = outs
         self.stream = sys.stderr
-        self._read()
+        self.frames = [0] * len(outs)
+        self._read(range(len(outs)))
+        self._running: set[int] = set()
         # what an earlier run wrote counts as done from the start: the rate is this run's
         # in a log file (no terminal) a redraw is a line: one per 10 s at most
         self.bar = tqdm(total=sum(frames), initial=sum(self.frames), desc=f"[driver] {len(outs)} video(s)",
@@ -81,14 +83,18 @@ class BatchProgress:
         self.saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _AboveBar(sys.stdout, self.bar), _AboveBar(sys.stderr, self.bar)
 
-    def _read(self) -> None:
+    def _read(self, videos) -> None:
         from .output import rundir
 
-        self.frames = [rundir.read_frames_made(out) for out in self.outs]
+        for i in videos:
+            self.frames[i] = rundir.read_frames_made(self.outs[i])
 
-    def poll(self, counts: dict[str, int]) -> None:
-        """Redraw with the frames on disk now and ``counts`` (videos per status)."""
-        self._read()
+    def poll(self, counts: dict[str, int], running: set[int]) -> None:
+        """Redraw with the frames on disk now and ``counts`` (videos per status). Only the manifests of
+        the ``running`` videos (and of those running at the last poll, which may have just finished) are
+        read: a large batch on a shared filesystem is not re-read every half second."""
+        self._read(sorted(running | self._running))
+        self._running = set(running)
         self.bar.update(sum(self.frames) - self.bar.n)
         text = f"{counts.get('complete', 0)} done, {counts.get('running', 0)} running, {counts.get('failed', 0)} failed"
         if text != self.shown:  # a video started or ended: worth a redraw now

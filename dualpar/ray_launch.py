@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             if not args.resume:
                 check_output_dir(cfg.output.out, args.overwrite)
             starts = ["resume" if args.resume else "restart" if args.overwrite else "new"]
-        for key in dict.fromkeys(batch.job_key(v.cfg) for v in videos):  # each model and geometry once
-            check_runtime(next(v.cfg for v in videos if batch.job_key(v.cfg) == key), n, args.device)
+        firsts: dict[str, object] = {}
+        for v in videos:
+            firsts.setdefault(batch.job_key(v.cfg), v.cfg)
+        for first in firsts.values():  # each model and geometry once
+            check_runtime(first, n, args.device)
         held = wait_unlocked([v for v, s in zip(videos, starts) if s != "complete"], LOCK_WAIT_S / 2)
         if held:
             v, pid = held[0]
@@ -396,7 +399,7 @@ def run_queue(ray, pipes: list[Pipeline], queue: collections.deque, record: batc
             raise PlacementTimeout(f"the cluster cannot place one pipeline of {pipes[0].world} actor(s) within "
                                    f"{PLACE_TIMEOUT_S:.0f} s")
         if progress is not None:
-            progress.poll(record.counts())
+            progress.poll(record.counts(), {i for i, e in enumerate(record.entries) if e["status"] == "running"})
         refs = [r for p in pipes for r in p.refs]
         if refs:
             ray.wait(refs, num_returns=1, timeout=0.5)
@@ -449,25 +452,21 @@ def finished(p: Pipeline, video: batch.Video, ok: bool, reason: str, queue: coll
     entry = record.entries[video.index]
     wall = time.time() - p.started
     written = rundir.read_frames_made(video.out)
+    left = attempts - entry["attempts"]
+    status = "complete" if ok else "pending" if left > 0 else "failed"
+    record.update(video.index, status=status, wall_s=round(entry["wall_s"] + wall, 2), frames_written=written,
+                  reason="" if ok else reason)
+    where = f"[pipeline {p.index}] video {video.index} ({video.where()})"
     if ok:
-        record.update(video.index, status="complete", wall_s=round(entry["wall_s"] + wall, 2),
-                      frames_written=written, reason="")
-        say(f"[pipeline {p.index}] video {video.index} ({video.where()}) complete in {wall:.1f} s "
-            f"({video.cfg.video.frames} frames)")
+        say(f"{where} complete in {wall:.1f} s ({video.cfg.video.frames} frames)")
         return
     p.rebuild()  # a lost actor or a failed rank leaves no usable process group
-    left = attempts - entry["attempts"]
-    if left > 0:
+    if status == "pending":
         queue.appendleft((video, None))  # the head of the queue: the next free pipeline takes it
-        record.update(video.index, status="pending", wall_s=round(entry["wall_s"] + wall, 2),
-                      frames_written=written, reason=reason)
-        say(f"[pipeline {p.index}] video {video.index} ({video.where()}) failed after {wall:.1f} s: {reason}; "
-            f"{written} frames kept, {left} attempt(s) left; the pipeline is placed again")
+        say(f"{where} failed after {wall:.1f} s: {reason}; {written} frames kept, {left} attempt(s) left; "
+            "the pipeline is placed again")
     else:
-        record.update(video.index, status="failed", wall_s=round(entry["wall_s"] + wall, 2),
-                      frames_written=written, reason=reason)
-        say(f"[pipeline {p.index}] video {video.index} ({video.where()}) failed after {entry['attempts']} "
-            f"attempt(s): {reason}")
+        say(f"{where} failed after {entry['attempts']} attempt(s): {reason}")
 
 
 def report(videos: list, record: batch.Record, root: str) -> int:

@@ -119,14 +119,18 @@ def test_ray_driver_bar_counts_frames_over_the_batch(tmp_path, capsys):
     outs[2].mkdir()  # an earlier run of the batch finished this one: done from the start
     (outs[2] / "manifest.json").write_text(json.dumps({"frames_written": 9}))
     bar = BatchProgress([str(o) for o in outs], [89, 89, 9])
-    bar.poll({"complete": 1})  # nothing else written yet: no manifest
+    bar.poll({"complete": 1}, {0, 1})  # nothing else written yet: no manifest
     assert bar.bar.n == bar.bar.initial == 9 and bar.bar.total == 187
     outs[0].mkdir()
     (outs[0] / "manifest.json").write_text(json.dumps({"frames_written": 89}))
     outs[1].mkdir()
     (outs[1] / "manifest.json").write_text(json.dumps({"frames_written": 21}))
-    bar.poll({"complete": 2, "running": 1, "failed": 0})
+    bar.poll({"complete": 2, "running": 1, "failed": 0}, {1})  # video 0 just finished: read once more
     assert bar.bar.n == 119 and "2 done, 1 running, 0 failed" in str(bar.bar)
+    (outs[0] / "manifest.json").write_text(json.dumps({"frames_written": 50}))  # not running: not read again
+    (outs[1] / "manifest.json").write_text(json.dumps({"frames_written": 30}))
+    bar.poll({"complete": 2, "running": 1, "failed": 0}, {1})
+    assert bar.bar.n == 89 + 30 + 9
     bar.close()
 
 
