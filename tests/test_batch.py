@@ -148,3 +148,27 @@ def test_the_kuberay_example_runs_a_command_line_the_driver_takes(root):
     assert os.path.isfile(os.path.join(root, args.config.removeprefix("/app/")))
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == str(args.world_size)  # one pipeline per pod
+
+
+def test_prompt_cache_keeps_the_recent_texts_only():
+    """Rank 0's prompt cache stays bounded over a long batch: the least recently used text goes first,
+    never one just asked for, and what it hands out equals a fresh encoding."""
+    import torch
+
+    from dualpar.config import Config
+    from dualpar.models import loader
+
+    cfg = Config()
+    cache = loader.PromptCache(cfg, "cpu")
+    cache.KEEP = 2
+    a, b, c = "a red circle", "a blue square", "a green triangle"
+    first = cache.states([a])
+    cache.states([b])
+    cache.states([a])  # a is now the most recent: b goes when c comes
+    cache.states([c])
+    assert cache.loads == 3 and list(cache._states) == [a, c]
+    cache.states([a, b, c])  # more than KEEP at once: all three kept for this call
+    assert cache.loads == 4 and set(cache._states) == {a, b, c}
+    tok, enc = loader.load_text_encoder(cfg)
+    fresh = loader.encode_prompts(tok, enc, [a], cfg.model.tokens)
+    assert torch.equal(first, fresh) and torch.equal(cache.states([a]), fresh)

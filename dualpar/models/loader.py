@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -253,13 +254,20 @@ class PromptCache:
     :meth:`warm` encodes a whole batch of videos' prompts with one load.
     """
 
+    KEEP = 64
+    """Texts kept at most (the least recently used go first): a long batch's prompts would otherwise pile
+    up on the host (8 MB each at Wan's 512 x 4096)."""
+
     def __init__(self, cfg: Config, device: torch.device | str):
         self.cfg, self.device = cfg, torch.device(device)
-        self._states: dict[str, torch.Tensor] = {}
+        self._states: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.loads = 0
         """Times the encoder was loaded."""
 
     def warm(self, prompts: list[str]) -> None:
+        for p in prompts:
+            if p in self._states:
+                self._states.move_to_end(p)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._states))
         if not missing:
             return
@@ -273,6 +281,10 @@ class PromptCache:
             torch.cuda.empty_cache()
         for text, st in zip(missing, states):
             self._states[text] = st.to("cpu")
+        wanted = set(prompts)
+        for text in list(self._states)[:max(0, len(self._states) - self.KEEP)]:
+            if text not in wanted:  # never the texts just asked for
+                del self._states[text]
 
     def states(self, prompts: list[str]) -> torch.Tensor:
         """States [len(prompts), text_len, d] on the device (encodes the texts not seen yet)."""
