@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the tiny preset: a small Wan2.1-architecture model that learned the synthetic world.
 
-Two stages on procedurally generated videos (``synthetic_world.py``: one or two coloured shapes
+Three stages on procedurally generated videos (``synthetic_world.py``: one or two coloured shapes
 moving or bouncing over a plain background, the prompt made from the scene's parameters;
 seeded, nothing downloaded):
 
@@ -12,7 +12,10 @@ seeded, nothing downloaded):
    frozen VAE's latents: Wan's flow prediction (velocity = noise - clean), shifted timesteps,
    prompts dropped to the empty prompt 10% of the time so that guidance works. The tiny UMT5
    text encoder stays frozen at its seeded random weights; the tokenizer holds every word the
-   prompts use, so a prompt is a dozen tokens.
+   prompts use, so a prompt is a dozen tokens;
+3. a copy of that transformer fine-tuned for the engine's causal mode (``dit-causal``: block-causal
+   attention over chunks with a noise level each, see :func:`causal_sample`), exported as the
+   folder's ``transformer_causal/``, which ``--mode causal`` reads.
 
 Every batch is drawn from a generator seeded by (seed, stage, step), so a run is reproducible
 and a resumed run continues exactly where it stopped (state saved every ``--save-every`` steps
@@ -21,6 +24,7 @@ in ``--work``). The result is a diffusers-format folder (``--out``), loss curves
 
     python scripts/train_tiny.py [--out dualpar/models/tiny_trained] [--work runs/train-tiny]
         [--device cpu|cuda] [--threads N] [--vae-image-steps N] [--vae-clip-steps N] [--dit-steps N]
+        [--causal-steps N]
 """
 
 from __future__ import annotations
