@@ -779,17 +779,21 @@ def render_quality(data: dict, ctx: Ctx) -> str:
             "from the MP4 alone (a nearest-palette detector, see its docstring). Prompts: "
             + "; ".join(f"\"{p}\" (seed {i})" for i, p in enumerate(data["prompts"])) + ".", ""]
     table = ["| setting | colour found | shape right | background right | extra objects per frame | jumps "
-             "| seam ratio, change | seam ratio, centroid step | s per video |", "|---|---|---|---|---|---|---|---|---|"]
+             "| object size | step per frame | seam ratio, change | seam ratio, centroid step | s per video |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         m = r["mean"]
         secs = sum(x["seconds"] for x in r["runs"]) / len(r["runs"])
         table.append(f"| {r['name']} | {_pct(m['colour_found'])} | {_pct(m['shape_right'])} | "
                      f"{_pct(m['background_right'])} | {_num(m['extra_objects'])} | {_num(m['jumps'], '.1f')} | "
+                     f"{_num(m.get('object_size'))} | {_num(m.get('median_step'), '.4f')} | "
                      f"{_num(m['seam_change'])} | {_num(m['seam_step'])} | {secs:.0f} |")
     v = data["vae"]
     notes = ["", "Columns: *colour found*, the share of frames (and prompted objects) where the object's colour is "
              "found; *shape right*, where it is found with the prompted shape; *jumps*, centroid steps over a tenth "
-             "of the frame per video; *seam ratio*, the mean change (of pixels, or of the object's centroid) into the "
+             "of the frame per video; *object size*, the median longer side of the prompted object's bounding box "
+             "over the frame's side (the world's objects: 0.20-0.35; a smear across the frame: near 1); *step per "
+             "frame*, its centroid's median step over the side (the world's speeds: 0.005-0.02); *seam ratio*, the mean change (of pixels, or of the object's centroid) into the "
              "first frame of a block (a chunk, in causal mode) over the same at the other latent-frame starts: 1.0 "
              f"is seamless. Causal rows: 8 Euler steps per chunk of 3, budget {data['budget']} frames, the "
              "causal fine-tune's weights (`transformer_causal/`) where the folder has them, except in the row "

@@ -6,6 +6,7 @@ what its prompt asks for, does the object move continuously, do block boundaries
     python scripts/quality.py vae [--clips 16]             # the preset VAE's reconstruction PSNR
     python scripts/quality.py strip RUN_DIR --png OUT [--count 8]
     python scripts/quality.py suite [--frames 1025] [--prompts 3] [--json docs/benchmarks/quality.json]
+    python scripts/quality.py rescore SUITE_JSON            # the kept runs again, under today's measures
 
 ``score`` reads a run directory (its ``video.mp4`` and the config in its manifest) and measures:
 
@@ -14,7 +15,9 @@ what its prompt asks for, does the object move continuously, do block boundaries
   prompted shape too (told apart by how much of its bounding box a shape fills); the share of
   frames with the prompted background; objects found that the prompt did not ask for;
 * **trajectory**: each prompted object's centroid per frame; its median step, the share of
-  frames it is found in a row, and jumps (steps over a tenth of the frame);
+  frames it is found in a row, and jumps (steps over a tenth of the frame); its size (the longer
+  side of its bounding box over the frame's side: the world's objects are 0.20-0.35, a smear
+  across the frame is near 1);
 * **seams**: the mean absolute change between consecutive frames where a new block (chunk, in
   causal mode) starts, over the same at the other latent-frame starts (where Wan's VAE starts
   a new group of 4 frames, so both sides have the VAE's own grouping); 1.0 is seamless. The
@@ -146,6 +149,8 @@ def score_video(frames: np.ndarray, prompt: str, block_starts: list[int]) -> dic
                        "median_step": float(np.median(step[ok])) if ok.any() else None,
                        "jumps": int((step[ok] > JUMP).sum()),
                        "path": [[round(float(v), 1) for v in p] if np.isfinite(p[0]) else None for p in xy[::16]]})
+    spans = [fd[c].span / side for fd in found for c, _ in things if c in fd]
+    moving = [t["median_step"] for t in tracks if t["median_step"] is not None]
     with warnings.catch_warnings():  # a frame where no prompted object is found gives NaN, as it should
         warnings.simplefilter("ignore", RuntimeWarning)
         step_mean = np.nanmean(steps_all, axis=0) if len(things) else np.full(f - 1, np.nan)
@@ -156,6 +161,8 @@ def score_video(frames: np.ndarray, prompt: str, block_starts: list[int]) -> dic
         "background_right": float(np.mean(bg_ok)) if background else None,
         "extra_objects": float(extra),
         "jumps": int(sum(t["jumps"] for t in tracks)),
+        "object_size": float(np.median(spans)) if spans else None,
+        "median_step": float(np.mean(moving)) if moving else None,
         "seam_change": ratio(diff),
         "seam_step": ratio(step_mean),
         "mean_change": float(diff.mean()),
@@ -220,6 +227,30 @@ def strip(run: str, png: str, count: int, scale: int = 2) -> None:
     img.save(png)
 
 
+MEASURES = ("colour_found", "shape_right", "background_right", "extra_objects", "jumps", "object_size",
+            "median_step", "seam_change", "seam_step", "mean_change")
+"""What a suite row reports: the mean over its prompts' runs."""
+
+
+def row_mean(scores: list[dict]) -> dict:
+    vals = {k: [s[k] for s in scores if s.get(k) is not None] for k in MEASURES}
+    return {k: float(np.mean(v)) if v else None for k, v in vals.items()}
+
+
+def rescore(path: str) -> dict:
+    """A suite's JSON with every run scored again from its kept directory (``suite --keep``): the
+    same videos under the current measures; each run's generation time is kept."""
+    data = json.loads(Path(path).read_text())
+    for row in data["rows"]:
+        runs = []
+        for old in row["runs"]:
+            if not Path(old["run"], "manifest.json").is_file():
+                raise SystemExit(f"error: {old['run']} is gone: rescore needs the runs kept (suite --keep)")
+            runs.append(dict(score_run(old["run"]), seconds=old["seconds"]))
+        row["runs"], row["mean"] = runs, row_mean(runs)
+    return data
+
+
 def run_suite(args) -> dict:
     """Generate, score, and collect the suite's runs (see the module docstring)."""
     work = Path(args.keep or Path(os.environ.get("TMPDIR", "/tmp")) / f"quality-{os.getpid()}")
@@ -244,10 +275,7 @@ def run_suite(args) -> dict:
             s = score_run(str(out))
             s["seconds"] = round(time.time() - t0, 1)
             scores.append(s)
-        keys = ("colour_found", "shape_right", "background_right", "extra_objects", "jumps", "seam_change",
-                "seam_step", "mean_change")
-        mean = {k: (float(np.mean([s[k] for s in scores if s[k] is not None]))
-                    if any(s[k] is not None for s in scores) else None) for k in keys}
+        mean = row_mean(scores)
         rows.append({"name": name, "args": extra, "mean": mean, "runs": scores})
         print(f"{name}: {json.dumps(mean)}", flush=True)
     command = "python scripts/quality.py suite" + (" --quick" if args.quick else "") + (
@@ -266,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--json", help="write the scores here")
     a = sub.add_parser("vae", help="reconstruction PSNR of the trained preset's VAE")
     a.add_argument("--clips", type=int, default=16)
+    a = sub.add_parser("rescore", help="score a suite's kept runs again (its JSON, rewritten in place)")
+    a.add_argument("json")
     a = sub.add_parser("strip", help="a PNG of evenly spaced frames of a run")
     a.add_argument("run")
     a.add_argument("--png", required=True)
@@ -290,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(text + "\n")
         for s in out:
             print(json.dumps({k: v for k, v in s.items() if k != "tracks"}))
+    elif args.cmd == "rescore":
+        Path(args.json).write_text(json.dumps(rescore(args.json), indent=1) + "\n")
+        print(f"wrote {args.json}")
     elif args.cmd == "vae":
         print(json.dumps(vae_psnr(args.clips)))
     elif args.cmd == "strip":

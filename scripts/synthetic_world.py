@@ -120,6 +120,8 @@ class Found:
     y: float
     """Centroid in pixels."""
     pixels: int
+    span: int = 0
+    """The longer side of its bounding box, in pixels."""
 
 
 def detect(frame: np.ndarray, background: str | None = None, min_pixels: int = 12) -> dict[str, Found]:
@@ -139,8 +141,8 @@ def detect(frame: np.ndarray, background: str | None = None, min_pixels: int = 1
         ys, xs = np.nonzero(nearest == i)
         if len(xs) < min_pixels or COLOURS[name] == BACKGROUNDS[background]:
             continue
-        box = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
-        fill = len(xs) / box
+        bw, bh = int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+        fill = len(xs) / (bw * bh)
         shape = min(FILL, key=lambda s: abs(FILL[s] - fill))
-        found[name] = Found(shape, float(xs.mean() + 0.5), float(ys.mean() + 0.5), int(len(xs)))
+        found[name] = Found(shape, float(xs.mean() + 0.5), float(ys.mean() + 0.5), int(len(xs)), max(bw, bh))
     return found

@@ -31,6 +31,18 @@ def test_a_rendered_scene_scores_as_adherent_continuous_and_seamless():
     assert s["extra_objects"] == 0 and s["jumps"] == 0
     assert 0.9 < s["seam_change"] < 1.1 and 0.9 < s["seam_step"] < 1.1
     assert s["tracks"][0]["median_step"] == pytest.approx(0.01, rel=0.1)  # the scene's own speed
+    assert s["median_step"] == s["tracks"][0]["median_step"]
+    assert s["object_size"] == pytest.approx(0.3, abs=0.02)  # the ball's own size
+
+
+def test_an_object_smeared_across_the_frame_is_too_big_and_still():
+    """The failure the size and step columns are for: the prompted colour is there, as a band that
+    spans the frame and no longer moves (what a causal rollout drifting off its training shows)."""
+    video = render(Scene((), "dark blue"), FRAMES, 96, 96)
+    video[:, 70:88, 4:92] = (220, 40, 40)  # a red bar along the bottom, the same in every frame
+    s = score_video(video, SCENE.prompt(), starts(33, 8))
+    assert s["colour_found"] == 1.0
+    assert s["object_size"] > 0.85 and s["median_step"] == 0.0
 
 
 def test_jumps_at_block_starts_are_seams():
