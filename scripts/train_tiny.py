@@ -188,6 +188,14 @@ class Stage:
         self.step += 1
         self.losses.append((self.step, float(loss.detach())))
 
+    def advance(self, loss: torch.Tensor, pb, save_every: int) -> None:
+        """One optimizer step on ``loss``, the bar moved on, the state saved every ``save_every`` steps."""
+        self.update(loss)
+        pb.update(1)
+        pb.set_postfix(loss=f"{self.losses[-1][1]:.4f}")
+        if self.step % save_every == 0 or self.done():
+            self.save()
+
     def done(self) -> bool:
         return self.step >= self.total
 
@@ -229,11 +237,7 @@ def train_vae(args, work: Path, device: torch.device):
                 loss = (weight * (y - x).abs()).mean() + F.mse_loss(y, x)
                 if kl:
                     loss = loss + kl * post.kl().mean()
-                st.update(loss)
-                pb.update(1)
-                pb.set_postfix(loss=f"{st.losses[-1][1]:.4f}")
-                if st.step % args.save_every == 0 or st.done():
-                    st.save()
+                st.advance(loss, pb, args.save_every)
         if args.stop_after == name:
             break
     vae.eval().requires_grad_(False)
@@ -422,11 +426,7 @@ def train_dit(args, work: Path, device: torch.device, data: DitData):
             x0, xt, noise, text, weight = (v.to(device) for v in (x0, xt, noise, text, weight))
             pred = dit(xt, (sigma * 1000).to(device), text, return_dict=False)[0]
             loss = (weight * (pred.float() - (noise - x0).float()) ** 2).mean()
-            st.update(loss)
-            pb.update(1)
-            pb.set_postfix(loss=f"{st.losses[-1][1]:.4f}")
-            if st.step % args.save_every == 0 or st.done():
-                st.save()
+            st.advance(loss, pb, args.save_every)
     return dit.eval().requires_grad_(False)
 
 
@@ -530,11 +530,7 @@ def train_dit_causal(args, work: Path, device: torch.device, dit, data: DitData)
             pred = causal_forward(cw, xt, (sigma * 1000).to(device), text, positions, allowed)
             err = weight * (pred - (noise - x0).float()) ** 2  # the noisy frames' weighted mean:
             loss = err.sum() / (weight > 0).expand_as(err).sum().clamp(min=1)
-            st.update(loss)
-            pb.update(1)
-            pb.set_postfix(loss=f"{st.losses[-1][1]:.4f}")
-            if st.step % args.save_every == 0 or st.done():
-                st.save()
+            st.advance(loss, pb, args.save_every)
     return dit.eval().requires_grad_(False)
 
 
